@@ -1,0 +1,105 @@
+"""LightningModule mixin for classification on a continual stream (ARCHITECTURE.md section 3)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+class ContinualClassificationMixin:
+    """Standard ``training_step`` / ``validation_step`` for ``(x, y, task_label)`` stream batches.
+
+    - task-incremental streams: logits are masked to the classes of each sample's task, in
+      training and evaluation (a multi-head classifier by masking);
+    - class-incremental streams: evaluation covers the classes seen so far
+      (``mask_unseen_classes``); training uses every output;
+    - validation logs ``val/loss_exp{j}`` and ``val/acc_exp{j}`` for test experience ``j`` and
+      returns ``{"preds", "target"}`` for the metrics callback;
+    - a non-finite training loss raises ``FloatingPointError`` with what to change.
+
+    The host class is a ``LightningModule`` whose ``forward(x)`` returns logits.
+    """
+
+    #: in class-IL evaluation, restrict predictions to the classes seen so far
+    mask_unseen_classes: bool = True
+
+    # ---- masks from the stream
+    def _stream(self) -> Any:
+        trainer = getattr(self, "_trainer", None)
+        dm = getattr(trainer, "datamodule", None) if trainer is not None else None
+        return dm if hasattr(dm, "classes_in_experience") else None
+
+    def _task_class_mask(self, task_labels: Tensor, num_outputs: int) -> Tensor | None:
+        dm = self._stream()
+        if dm is None or dm.scenario != "task":
+            return None
+        cache = getattr(self, "_cl_task_masks", None)
+        if cache is None or cache.shape[1] != num_outputs:
+            n_tasks = 1 + max(t for ts in dm.task_labels for t in ts)
+            cache = torch.zeros(n_tasks, num_outputs, dtype=torch.bool)
+            for classes, tasks in zip(dm.classes_in_experience, dm.task_labels):
+                for t in tasks:
+                    cache[t, list(classes)] = True
+            self._cl_task_masks = cache
+        return cache.to(task_labels.device)[task_labels.long()]
+
+    def _seen_class_mask(self, num_outputs: int, device: torch.device) -> Tensor | None:
+        dm = self._stream()
+        if dm is None or dm.scenario != "class" or not self.mask_unseen_classes or dm.joint:
+            return None
+        current = dm.current_experience
+        mask = torch.zeros(num_outputs, dtype=torch.bool, device=device)
+        for classes in dm.classes_in_experience[: current + 1]:
+            mask[list(classes)] = True
+        return mask
+
+    def masked_logits(self, logits: Tensor, task_labels: Tensor, evaluation: bool) -> Tensor:
+        """Masks logits by task (task-IL) or, in evaluation, to the seen classes (class-IL)."""
+        mask = self._task_class_mask(task_labels, logits.shape[-1])
+        if mask is None and evaluation:
+            mask = self._seen_class_mask(logits.shape[-1], logits.device)
+        if mask is None:
+            return logits
+        return logits.masked_fill(~mask, torch.finfo(logits.dtype).min)
+
+    def check_num_outputs(self, num_outputs: int) -> None:
+        """Raises when the model has fewer outputs than the stream has classes."""
+        dm = self._stream()
+        if dm is not None and num_outputs < dm.num_classes:
+            raise ValueError(
+                f"the model has {num_outputs} outputs but the stream has {dm.num_classes} classes: "
+                f"set num_classes >= {dm.num_classes}"
+            )
+
+    # ---- steps
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x, y, t = batch
+        logits = self.masked_logits(self(x), t, evaluation=False)
+        loss = F.cross_entropy(logits.float(), y)
+        if not torch.isfinite(loss):
+            precision = getattr(getattr(self, "_trainer", None), "precision", "?")
+            raise FloatingPointError(
+                f"training loss is {loss.item()} at step {self.global_step} (precision={precision}): "
+                "lower the learning rate, add gradient clipping (gradient_clip_val), or use "
+                "precision='bf16-mixed' / '32-true' if activations overflow in 16-bit"
+            )
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
+        x, y, t = batch
+        logits = self.masked_logits(self(x), t, evaluation=True)
+        loss = F.cross_entropy(logits.float(), y)
+        preds = logits.argmax(dim=-1)
+        acc = (preds == y).float().mean()
+        self.log(f"val/loss_exp{dataloader_idx}", loss, add_dataloader_idx=False, sync_dist=True,
+                 batch_size=len(y))
+        self.log(f"val/acc_exp{dataloader_idx}", acc, add_dataloader_idx=False, sync_dist=True,
+                 batch_size=len(y))
+        return {"preds": preds, "target": y}
+
+    def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
+        return self.validation_step(batch, batch_idx, dataloader_idx)

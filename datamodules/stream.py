@@ -1,0 +1,397 @@
+"""A whole Avalanche stream as one LightningDataModule (ARCHITECTURE.md section 1).
+
+Experience ``i`` occupies epochs ``[i*E, (i+1)*E)`` of one ``trainer.fit``; ``train_dataloader()``
+returns the current experience (the trainer reloads it every epoch) and ``val_dataloader()``
+returns one loader per test experience, so one validation pass fills a row of the accuracy
+matrix. Batches are ``(x, y, task_label)``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSampler, Sampler
+
+Scenario = Literal["class", "domain", "task"]
+
+#: Lightning turns an unset ``max_epochs`` into this value before any hook runs.
+_LIGHTNING_DEFAULT_MAX_EPOCHS = 1000
+
+
+@dataclass(frozen=True)
+class ExperienceInfo:
+    """What a callback needs to know of one training experience."""
+
+    index: int
+    classes: tuple[int, ...]
+    task_labels: tuple[int, ...]
+    num_train_samples: int
+
+
+class StreamConfigError(ValueError):
+    """A stream and the trainer (or the stream's own arguments) disagree."""
+
+
+class _UnpaddedDistributedSampler(DistributedSampler):
+    """Evaluation sampler for DDP that gives every sample to exactly one rank (no padding).
+
+    Lightning's default pads the last shard with repeated samples, which would bias the
+    accuracy matrix under DDP.
+    """
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False)
+        self.num_samples = len(range(rank, len(dataset), num_replicas))  # type: ignore[arg-type]
+        self.total_size = len(dataset)  # type: ignore[arg-type]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, self.total_size, self.num_replicas))
+
+
+class _EpochSeededSampler(Sampler[int]):
+    """Shuffles with a generator seeded by ``(seed, epoch)``: the order of an epoch does not depend
+    on what ran before it, so a run resumed from a checkpoint sees the same batches."""
+
+    def __init__(self, n: int, seed: int, epoch: int) -> None:
+        self.n, self.seed, self.epoch = n, seed, epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+
+def _experience_classes(exp: Any) -> tuple[int, ...]:
+    classes = getattr(exp, "classes_in_this_experience", None)
+    if classes is None:
+        targets = getattr(exp.dataset, "targets", None)
+        if targets is None:
+            raise StreamConfigError(
+                f"experience {getattr(exp, 'current_experience', '?')} exposes neither "
+                "classes_in_this_experience nor dataset.targets: build the stream with an "
+                "Avalanche classification generator (nc_benchmark, benchmark_from_datasets)"
+            )
+        classes = sorted({int(t) for t in targets})
+    return tuple(sorted(int(c) for c in classes))
+
+
+def _experience_task_labels(exp: Any) -> tuple[int, ...]:
+    labels = getattr(exp, "task_labels", None)
+    if labels is None:
+        tl = getattr(exp.dataset, "targets_task_labels", None)
+        labels = sorted({int(t) for t in tl}) if tl is not None else [0]
+    return tuple(int(t) for t in labels)
+
+
+class ContinualDataModule(pl.LightningDataModule):
+    """Wraps an Avalanche benchmark so that one ``trainer.fit`` trains every experience in order.
+
+    Args:
+        benchmark: any object with ``train_stream`` and ``test_stream`` of Avalanche experiences.
+            Subclasses build theirs in :meth:`build_benchmark` instead.
+        epochs_per_experience: ``E``; the trainer needs ``max_epochs = num_experiences * E``
+            (set automatically when ``max_epochs`` is left unset).
+        batch_size: training batch size (per process under DDP).
+        eval_batch_size: batch size of the validation loaders (default: ``batch_size``).
+        num_workers: DataLoader workers.
+        scenario: ``"class"``, ``"domain"`` or ``"task"``; inferred from the stream when ``None``.
+        seed: seeds the shuffling of every epoch (resumable runs see the same batches).
+        joint: train once on the union of all training experiences (the upper-bound baseline).
+        experience: pin training to this one experience, for users who call ``fit`` once per
+            experience (each ``fit`` then trains exactly ``E`` epochs).
+    """
+
+    def __init__(
+        self,
+        benchmark: Any = None,
+        epochs_per_experience: int = 1,
+        batch_size: int = 32,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        scenario: Scenario | None = None,
+        seed: int = 0,
+        joint: bool = False,
+        experience: int | None = None,
+    ) -> None:
+        super().__init__()
+        if epochs_per_experience < 1:
+            raise StreamConfigError(f"epochs_per_experience must be >= 1, got {epochs_per_experience}")
+        if batch_size < 1:
+            raise StreamConfigError(f"batch_size must be >= 1, got {batch_size}")
+        if scenario not in (None, "class", "domain", "task"):
+            raise StreamConfigError(f"scenario must be 'class', 'domain' or 'task', got {scenario!r}")
+        self._benchmark = benchmark
+        self.epochs_per_experience = epochs_per_experience
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self._scenario = scenario
+        self.seed = seed
+        self.joint = joint
+        self._pinned = experience
+        self._checked = False
+
+    # ------------------------------------------------------------------ the stream
+    def build_benchmark(self) -> Any:
+        """Builds the Avalanche benchmark; subclasses for built-in streams override this."""
+        raise StreamConfigError(
+            "ContinualDataModule needs an Avalanche benchmark: pass benchmark=..., or use a built-in "
+            "stream (SplitDigits, SplitMNIST, PermutedMNIST, SplitFashionMNIST, SplitCIFAR10, ...)"
+        )
+
+    @property
+    def benchmark(self) -> Any:
+        """The wrapped benchmark, built and validated on first use."""
+        if self._benchmark is None:
+            self._benchmark = self.build_benchmark()
+        if not self._checked:
+            self._validate(self._benchmark)
+            self._checked = True
+        return self._benchmark
+
+    def _validate(self, bm: Any) -> None:
+        for name in ("train_stream", "test_stream"):
+            if not hasattr(bm, name):
+                raise StreamConfigError(
+                    f"{type(bm).__name__} has no {name}: pass an Avalanche benchmark "
+                    "(nc_benchmark, ni_benchmark, benchmark_from_datasets, SplitMNIST, ...)"
+                )
+        train, test = list(bm.train_stream), list(bm.test_stream)
+        if not train:
+            raise StreamConfigError("the benchmark's train_stream has no experiences")
+        for i, exp in enumerate(train):
+            if len(exp.dataset) == 0:
+                raise StreamConfigError(
+                    f"training experience {i} is empty (classes {list(_experience_classes(exp))}): "
+                    "check the class order, the number of experiences and any filtering of the data"
+                )
+        for i, exp in enumerate(test):
+            if len(exp.dataset) == 0:
+                raise StreamConfigError(f"test experience {i} is empty: every experience needs test data")
+        if self._pinned is not None and not 0 <= self._pinned < len(train):
+            raise StreamConfigError(
+                f"experience={self._pinned} is out of range: the stream has {len(train)} experiences"
+            )
+        self._train_exps, self._test_exps = train, test
+
+    @property
+    def num_experiences(self) -> int:
+        """Number of training experiences in the stream."""
+        return len(self.benchmark.train_stream)
+
+    @property
+    def num_train_phases(self) -> int:
+        """Experiences the trainer goes through: 1 in joint mode, else ``num_experiences``."""
+        return 1 if self.joint else self.num_experiences
+
+    @property
+    def classes_in_experience(self) -> list[tuple[int, ...]]:
+        """Classes of each training experience."""
+        _ = self.benchmark
+        return [_experience_classes(e) for e in self._train_exps]
+
+    @property
+    def task_labels(self) -> list[tuple[int, ...]]:
+        """Task labels of each training experience."""
+        _ = self.benchmark
+        return [_experience_task_labels(e) for e in self._train_exps]
+
+    @property
+    def test_classes_in_experience(self) -> list[tuple[int, ...]]:
+        """Classes of each test experience."""
+        _ = self.benchmark
+        return [_experience_classes(e) for e in self._test_exps]
+
+    @property
+    def num_classes(self) -> int:
+        """``1 + `` the largest class id in the stream."""
+        return 1 + max(max(c) for c in self.classes_in_experience + self.test_classes_in_experience)
+
+    @property
+    def scenario(self) -> Scenario:
+        """The scenario kind: given, or inferred (several task labels -> task-IL; the same
+        classes in every experience -> domain-IL; else class-IL)."""
+        if self._scenario is not None:
+            return self._scenario
+        if len({t for ts in self.task_labels for t in ts}) > 1:
+            return "task"
+        if len(set(self.classes_in_experience)) == 1 and self.num_experiences > 1:
+            return "domain"
+        return "class"
+
+    def experience_info(self, index: int) -> ExperienceInfo:
+        """Classes, task labels and size of training experience ``index``."""
+        _ = self.benchmark
+        exp = self._train_exps[index]
+        return ExperienceInfo(
+            index=index,
+            classes=_experience_classes(exp),
+            task_labels=_experience_task_labels(exp),
+            num_train_samples=len(exp.dataset),
+        )
+
+    # ------------------------------------------------------------------ epochs <-> experiences
+    @property
+    def pinned_experience(self) -> int | None:
+        """The experience every ``fit`` trains, in per-experience mode; else ``None``."""
+        return self._pinned
+
+    def set_experience(self, index: int | None) -> None:
+        """Pins training to one experience (per-experience ``fit`` loops), or unpins with ``None``."""
+        if index is not None and not 0 <= index < self.num_experiences:
+            raise StreamConfigError(
+                f"experience {index} is out of range: the stream has {self.num_experiences}"
+            )
+        self._pinned = index
+
+    @property
+    def expected_max_epochs(self) -> int:
+        """``max_epochs`` the whole stream needs (in pinned mode: per ``fit`` from epoch 0)."""
+        if self._pinned is not None:
+            return self.epochs_per_experience
+        return self.num_train_phases * self.epochs_per_experience
+
+    def experience_at_epoch(self, epoch: int) -> int:
+        """Index of the experience trained at ``epoch`` (0 in joint mode)."""
+        if self._pinned is not None:
+            return self._pinned
+        if self.joint:
+            return 0
+        return min(epoch // self.epochs_per_experience, self.num_experiences - 1)
+
+    def _phase_start_epoch(self, epoch: int) -> int:
+        if self._pinned is not None:
+            max_epochs = self.trainer.max_epochs if self.trainer is not None else None
+            if max_epochs is None or max_epochs < 0:
+                return 0
+            return max_epochs - self.epochs_per_experience
+        return (epoch // self.epochs_per_experience) * self.epochs_per_experience
+
+    def is_experience_start(self, epoch: int) -> bool:
+        """True at the first epoch of an experience."""
+        return epoch == self._phase_start_epoch(epoch)
+
+    def is_experience_end(self, epoch: int) -> bool:
+        """True at the last epoch of an experience."""
+        return epoch == self._phase_start_epoch(epoch) + self.epochs_per_experience - 1
+
+    @property
+    def current_experience(self) -> int:
+        """The experience the attached trainer is training now."""
+        if self.trainer is None:
+            raise RuntimeError("current_experience needs the datamodule to be attached to a Trainer")
+        return self.experience_at_epoch(self.trainer.current_epoch)
+
+    # ------------------------------------------------------------------ trainer checks
+    def check_trainer(self, trainer: pl.Trainer) -> None:
+        """Sets or checks ``max_epochs`` and makes the trainer reload the train loader each epoch."""
+        want = self.expected_max_epochs
+        have = trainer.fit_loop.max_epochs
+        if have in (None, -1, _LIGHTNING_DEFAULT_MAX_EPOCHS) and have != want:
+            trainer.fit_loop.max_epochs = want
+            rank_zero_info(f"max_epochs set to {want} from the stream")
+        elif self._pinned is None and have != want:
+            raise StreamConfigError(
+                f"Trainer(max_epochs={have}) disagrees with the stream: {self.num_train_phases} "
+                f"experience(s) x epochs_per_experience={self.epochs_per_experience} = {want} epochs. "
+                f"Set max_epochs={want} (or leave it unset), or change epochs_per_experience"
+            )
+        if trainer.reload_dataloaders_every_n_epochs != 1:
+            trainer.reload_dataloaders_every_n_epochs = 1
+
+    def setup(self, stage: str) -> None:
+        _ = self.benchmark
+        if stage == "fit" and self.trainer is not None:
+            self.check_trainer(self.trainer)
+
+    # ------------------------------------------------------------------ loaders
+    def _dist(self) -> tuple[int, int]:
+        trainer = self.trainer
+        if trainer is None:
+            return 1, 0
+        return trainer.world_size, trainer.global_rank
+
+    def train_dataset(self, experience: int) -> Dataset:
+        """Training data of one experience (the union of all of them in joint mode)."""
+        _ = self.benchmark
+        if self.joint and self._pinned is None:
+            return ConcatDataset([e.dataset for e in self._train_exps])
+        return self._train_exps[experience].dataset
+
+    def test_dataset(self, experience: int) -> Dataset:
+        """Test data of one experience."""
+        _ = self.benchmark
+        return self._test_exps[experience].dataset
+
+    def train_dataloader(self) -> DataLoader:
+        epoch = self.trainer.current_epoch if self.trainer is not None else 0
+        if self._pinned is not None and self.trainer is not None:
+            start = self._phase_start_epoch(epoch)
+            if epoch < start:
+                raise StreamConfigError(
+                    f"per-experience fit starts at epoch {epoch} but max_epochs={self.trainer.max_epochs} "
+                    f"leaves more than epochs_per_experience={self.epochs_per_experience} epochs: "
+                    f"use max_epochs={epoch + self.epochs_per_experience}"
+                )
+        dataset = self.train_dataset(self.experience_at_epoch(epoch))
+        world, rank = self._dist()
+        sampler: Sampler[int]
+        if world > 1:
+            sampler = DistributedSampler(dataset, world, rank, shuffle=True, seed=self.seed)
+            sampler.set_epoch(epoch)
+        else:
+            sampler = _EpochSeededSampler(len(dataset), self.seed, epoch)  # type: ignore[arg-type]
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            persistent_workers=False,
+            drop_last=False,
+        )
+
+    def _eval_loader(self, dataset: Dataset) -> DataLoader:
+        world, rank = self._dist()
+        sampler = _UnpaddedDistributedSampler(dataset, world, rank) if world > 1 else None
+        return DataLoader(
+            dataset, batch_size=self.eval_batch_size, shuffle=False, sampler=sampler,
+            num_workers=self.num_workers,
+        )
+
+    def val_dataloader(self) -> list[DataLoader]:
+        return [self._eval_loader(self.test_dataset(j)) for j in range(len(self._test_exps_checked()))]
+
+    def test_dataloader(self) -> list[DataLoader]:
+        return self.val_dataloader()
+
+    def _test_exps_checked(self) -> Sequence[Any]:
+        _ = self.benchmark
+        return self._test_exps
+
+    # ------------------------------------------------------------------ checkpoint state
+    def state_dict(self) -> dict[str, Any]:
+        return {"pinned": self._pinned, "joint": self.joint, "seed": self.seed,
+                "epochs_per_experience": self.epochs_per_experience}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict.get("epochs_per_experience", self.epochs_per_experience) != self.epochs_per_experience:
+            raise StreamConfigError(
+                f"the checkpoint was trained with epochs_per_experience={state_dict['epochs_per_experience']}"
+                f", this datamodule has {self.epochs_per_experience}: resume with the same stream settings"
+            )
+        self._pinned = state_dict.get("pinned", self._pinned)
+        self.joint = state_dict.get("joint", self.joint)
+
+
+def steps_per_epoch(num_samples: int, batch_size: int, world_size: int = 1) -> int:
+    """Optimizer-free batch count of one epoch over ``num_samples`` (per rank under DDP)."""
+    per_rank = math.ceil(num_samples / world_size)
+    return math.ceil(per_rank / batch_size)

@@ -1,0 +1,37 @@
+"""Shared fixtures: offline Hugging Face, quiet logs, the shared data folder."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+torch.set_num_threads(1)
+logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("CL_DATA_ROOT", ROOT.parent / "shared" / "data"))
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    """``../shared/data`` (or $CL_DATA_ROOT); skips the test where it is missing."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared data folder not found at {SHARED_DATA} (set CL_DATA_ROOT)")
+    return SHARED_DATA
+
+
+def quiet_trainer_kwargs(**overrides):
+    """Trainer arguments for fast, silent CPU tests."""
+    kw = dict(
+        accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+        deterministic=True,
+    )
+    kw.update(overrides)
+    return kw
