@@ -9,7 +9,7 @@ matrix. Batches are ``(x, y, task_label)``.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -295,8 +295,10 @@ class ContinualDataModule(pl.LightningDataModule):
         """Sets or checks ``max_epochs`` and makes the trainer reload the train loader each epoch."""
         want = self.expected_max_epochs
         have = trainer.fit_loop.max_epochs
-        if have in (None, -1, _LIGHTNING_DEFAULT_MAX_EPOCHS) and have != want:
+        unset = have in (None, -1, _LIGHTNING_DEFAULT_MAX_EPOCHS) or getattr(trainer, "_cl_auto_max_epochs", False)
+        if unset and have != want:
             trainer.fit_loop.max_epochs = want
+            trainer._cl_auto_max_epochs = True  # a later check (e.g. joint mode) may set it again
             rank_zero_info(f"max_epochs set to {want} from the stream")
         elif self._pinned is None and have != want:
             raise StreamConfigError(
@@ -366,15 +368,16 @@ class ContinualDataModule(pl.LightningDataModule):
             num_workers=self.num_workers,
         )
 
+    @property
+    def num_test_experiences(self) -> int:
+        """Number of test experiences (columns of the accuracy matrix)."""
+        return len(self.benchmark.test_stream)
+
     def val_dataloader(self) -> list[DataLoader]:
-        return [self._eval_loader(self.test_dataset(j)) for j in range(len(self._test_exps_checked()))]
+        return [self._eval_loader(self.test_dataset(j)) for j in range(self.num_test_experiences)]
 
     def test_dataloader(self) -> list[DataLoader]:
         return self.val_dataloader()
-
-    def _test_exps_checked(self) -> Sequence[Any]:
-        _ = self.benchmark
-        return self._test_exps
 
     # ------------------------------------------------------------------ checkpoint state
     def state_dict(self) -> dict[str, Any]:
