@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-
 from callbacks.metrics import ContinualMetrics
 
 
