@@ -29,6 +29,7 @@ class InjectionCallback(ContinualCallback):
 
     #: attribute on the LightningModule recording which callbacks already injected
     _REGISTRY = "_cl_injected"
+    _PARAM_REGISTRY = "_cl_injected_params"
 
     def __init__(self, train_head: bool = True, head_name: str | None = None) -> None:
         super().__init__()
@@ -46,16 +47,23 @@ class InjectionCallback(ContinualCallback):
         raise NotImplementedError(f"{type(self).__name__} must implement inject()")
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # injection key -> qualified names of the modules that callback injected
         done: dict[str, list[str]] = pl_module.__dict__.setdefault(self._REGISTRY, {})
+        # injection key -> names of the trainable parameters it injected
+        params: dict[str, list[str]] = pl_module.__dict__.setdefault(self._PARAM_REGISTRY, {})
         if self.injection_key in done:
-            self.injected_parameter_names = done[self.injection_key]
+            self.injected_parameter_names = params[self.injection_key]
             return
         keep: list[str] = []
         if self.train_head:
             keep.append(find_head(pl_module, self.head_name)[0])
-        # modules injected by other callbacks stay trainable
-        keep += [n for names in done.values() for n in names]
         freeze_parameters(pl_module, keep=keep)
+        # parameters injected by earlier callbacks stay trainable; matching them by parameter name
+        # (not module prefix) keeps the frozen base weight inside a wrapper frozen
+        earlier = {n for names in params.values() for n in names}
+        for n, p in pl_module.named_parameters():
+            if n in earlier:
+                p.requires_grad_(True)
         new_modules = list(self.inject(pl_module))
         if not new_modules:
             raise RuntimeError(f"{type(self).__name__}.inject() added no module")
@@ -64,6 +72,7 @@ class InjectionCallback(ContinualCallback):
             n for n, p in pl_module.named_parameters() if n.startswith(prefixes) and p.requires_grad
         ]
         done[self.injection_key] = list(new_modules)
+        params[self.injection_key] = list(self.injected_parameter_names)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         params = dict(pl_module.named_parameters())

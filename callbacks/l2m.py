@@ -1,0 +1,227 @@
+"""L2M as a Lightning callback: a key-selected modulation pool on a frozen transformer.
+
+See :mod:`cl_plugins.peft.l2m` for the method, its defaults and how they follow the official code.
+The callback injects the pool in ``setup()`` (before the optimizer is built), computes the query in
+forward hooks (no change to the user's ``training_step``), attaches the key-matching loss with
+:meth:`ContinualCallback.attach_loss` (logged as ``l2m/key_loss``), counts which keys each
+experience selects (logged as ``l2m/key{i}_frac`` at the end of the experience) and sets the count
+penalty at the start of each experience.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor
+
+from callbacks.injection import InjectionCallback
+from cl_plugins.peft.l2m import (
+    DEFAULT_KEY_LOSS_WEIGHT,
+    DEFAULT_POOL_SIZE,
+    DEFAULT_RANK,
+    DEFAULT_TOP_K,
+    ModulationPool,
+    QueryHooks,
+    find_pad_token_id,
+    find_query_module,
+    install_l2m,
+    probe_query_dim,
+    resolve_targets,
+)
+from cl_plugins.protocols import find_head
+
+#: attribute of the LightningModule that holds the pool (keys, count penalty)
+POOL_NAME = "l2m_pool"
+
+
+class L2M(InjectionCallback):
+    """Learning to Modulate (Schmied et al., NeurIPS 2023) for any timm ViT / BERT-style classifier.
+
+    Args:
+        targets: regular expressions of the linear layers to modulate (their outputs); ``None``:
+            the official placement for the detected architecture (timm ViT: ``attn.qkv`` q and v
+            slices and ``mlp.fc1`` for LoRA, ``attn.qkv`` k and v slices for (IA)^3; BERT:
+            ``query``, ``value``, ``intermediate.dense`` / ``key``, ``value``).
+        pool_size: entries ``M`` of the pool (paper: 30).
+        top_k: entries selected per sample (paper: 1); more are averaged.
+        rank: LoRA rank (paper: 8).
+        modulator: ``"lora"`` (default) or ``"ia3"`` (learned scaling vectors).
+        query: ``"embedding"`` (default, as the paper: token mean of the frozen embedding layer's
+            output; no extra cost) or ``"pooled"`` (the frozen, unmodulated model's pooled
+            features, i.e. the input of the head: one extra no-grad forward per step).
+        key_loss_weight: weight of ``1 - cos(q, k_selected)`` (official ``pull_constraint_coef``
+            0.5); 0 freezes the keys.
+        alpha: LoRA ``alpha`` (default ``2 * rank``, as upstream).
+        count_penalty: from the second experience on, penalise keys that earlier experiences
+            selected, in training only (upstream default for L2M).
+        key_init: ``"uniform"`` (U[-1, 1], upstream) or ``"normal"``.
+        input_targets: (IA)^3 only: layers whose *input* is scaled (default: the second FF layer,
+            i.e. the FF activation, as (IA)^3).
+        qkv_parts: slices of a fused ``qkv`` layer to modulate (default "qv" LoRA, "kv" (IA)^3).
+        query_module: qualified name of the embedding module for ``query="embedding"`` (default:
+            ``patch_embed`` / ``embeddings``).
+        query_root: qualified name of the module whose forward receives the input batch (default:
+            the LightningModule itself); its forward hooks compute the pooled query and clear the
+            selection after each forward.
+        query_dim: dimension of the query; default: probed with one forward of one training sample.
+        pad_token_id: padding id masked out of the token mean (default: from the Hugging Face config).
+        train_head / head_name: see :class:`InjectionCallback`.
+
+    Distributed training works with plain ``strategy="ddp"``: each pool tensor is one parameter
+    indexed per sample, so entries no sample selected still receive a (zero) gradient and DDP's
+    reducer sees every parameter; the selection counts are all-reduced after each training batch
+    (one all-reduce of ``pool_size`` integers), so every rank holds the same histograms and count
+    penalty. Regularizer math (similarities, key loss) runs in float32 under any precision.
+
+    After ``fit`` the model stays modulated (hooks and pool in place): ``validate``/``test``/
+    ``predict`` select keys from the input alone.
+
+    Attributes:
+        key_histograms: ``{experience: [count of key 0, ..., key M-1]}``: how many training samples
+            selected each key in each experience (summed over DDP ranks); part of the state dict.
+        pool: the :class:`ModulationPool` (keys) once set up.
+    """
+
+    def __init__(
+        self,
+        targets: Sequence[str] | None = None,
+        pool_size: int = DEFAULT_POOL_SIZE,
+        top_k: int = DEFAULT_TOP_K,
+        rank: int = DEFAULT_RANK,
+        modulator: str = "lora",
+        query: str = "embedding",
+        key_loss_weight: float = DEFAULT_KEY_LOSS_WEIGHT,
+        alpha: float | None = None,
+        count_penalty: bool = True,
+        key_init: str = "uniform",
+        input_targets: Sequence[str] | None = None,
+        qkv_parts: str | None = None,
+        query_module: str | None = None,
+        query_root: str | None = None,
+        query_dim: int | None = None,
+        pad_token_id: int | None = None,
+        train_head: bool = True,
+        head_name: str | None = None,
+    ) -> None:
+        super().__init__(train_head=train_head, head_name=head_name)
+        if modulator not in ("lora", "ia3"):
+            raise ValueError(f"modulator must be 'lora' or 'ia3', got {modulator!r}")
+        if query not in ("embedding", "pooled"):
+            raise ValueError(f"query must be 'embedding' or 'pooled', got {query!r}")
+        if pool_size < 1 or not 1 <= top_k <= pool_size:
+            raise ValueError(f"need pool_size >= 1 and 1 <= top_k <= pool_size, got {pool_size=}, {top_k=}")
+        if rank < 1:
+            raise ValueError(f"rank must be >= 1, got {rank}")
+        if key_loss_weight < 0:
+            raise ValueError(f"key_loss_weight must be >= 0, got {key_loss_weight}")
+        self.targets = None if targets is None else list(targets)
+        self.pool_size, self.top_k, self.rank, self.alpha = pool_size, top_k, rank, alpha
+        self.modulator, self.query = modulator, query
+        self.key_loss_weight, self.count_penalty, self.key_init = key_loss_weight, count_penalty, key_init
+        self.input_targets = None if input_targets is None else list(input_targets)
+        self.qkv_parts, self.query_module, self.query_root = qkv_parts, query_module, query_root
+        self.query_dim, self.pad_token_id = query_dim, pad_token_id
+        self.pool: ModulationPool | None = None
+        self.hooks: QueryHooks | None = None
+        self._counts: dict[int, Tensor] = {}
+        self._trainer: pl.Trainer | None = None
+
+    # ------------------------------------------------------------------ injection
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._trainer = trainer
+        super().setup(trainer, pl_module, stage)
+        pool = getattr(pl_module, POOL_NAME, None)
+        if not isinstance(pool, ModulationPool):
+            raise RuntimeError(f"L2M: the module has no '{POOL_NAME}' after injection")
+        self.pool = pool
+        pool.state.loss_hook = self._attach_key_loss
+
+    def _attach_key_loss(self, output: Tensor, term: Tensor) -> Tensor:
+        return self.attach_loss(output, term, "l2m/key_loss")
+
+    def _example_input(self, pl_module: pl.LightningModule) -> Tensor:
+        trainer = self._trainer
+        if trainer is None:
+            raise RuntimeError("L2M needs the trainer to probe the query dimension: pass query_dim=...")
+        dm = self.stream(trainer)
+        dataset = dm.train_dataset(dm.experience_at_epoch(max(trainer.current_epoch, 0)))
+        x = dataset[0][0]
+        x = x if isinstance(x, Tensor) else torch.as_tensor(x)
+        device = next((p.device for p in pl_module.parameters()), torch.device("cpu"))
+        return x.unsqueeze(0).to(device)
+
+    def inject(self, pl_module: pl.LightningModule) -> list[str]:
+        head_name, head = find_head(pl_module, self.head_name)
+        placement = resolve_targets(pl_module, self.modulator, self.targets, self.input_targets, self.qkv_parts,
+                                    exclude=[head_name])
+        root = pl_module if self.query_root is None else pl_module.get_submodule(self.query_root)
+        query_module = None
+        if self.query == "embedding":
+            _, query_module = find_query_module(pl_module, self.query_module, placement.preset)
+        key_dim = self.query_dim
+        if key_dim is None:
+            key_dim = probe_query_dim(root, self._example_input(pl_module), self.query, query_module, head)
+        pool, placement = install_l2m(
+            pl_module, key_dim, modulator=self.modulator, pool_size=self.pool_size, top_k=self.top_k, rank=self.rank,
+            alpha=self.alpha, key_loss_weight=self.key_loss_weight, key_init=self.key_init, pool_name=POOL_NAME,
+            placement=placement,
+        )
+        pad = self.pad_token_id if self.pad_token_id is not None else find_pad_token_id(pl_module)
+        self.hooks = QueryHooks(pool, root, self.query, query_module, head, pad).install()
+        return [POOL_NAME, *placement.output, *placement.input]
+
+    # ------------------------------------------------------------------ experiences
+    def on_experience_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, experience: int) -> None:
+        pool = self._pool()
+        earlier = [c.to(pool.keys.device) for e, c in self._counts.items() if e < experience]
+        counts = torch.stack(earlier).sum(0) if (self.count_penalty and earlier) else None
+        pool.set_count_penalty(counts)
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        counts = self._pool().pop_counts()
+        if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(counts)
+        exp = self.stream(trainer).experience_at_epoch(trainer.current_epoch)
+        prev = self._counts.get(exp)
+        self._counts[exp] = counts if prev is None else prev.to(counts.device) + counts
+
+    def on_experience_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, experience: int) -> None:
+        counts = self._counts.get(experience)
+        if counts is None:
+            return
+        frac = counts.double() / counts.sum().clamp_min(1)
+        for i, f in enumerate(frac.tolist()):
+            pl_module.log(f"l2m/key{i}_frac", f, on_step=False, on_epoch=True, sync_dist=False)
+
+    def _pool(self) -> ModulationPool:
+        if self.pool is None:
+            raise RuntimeError("L2M is not set up: add it to the Trainer's callbacks before fit")
+        return self.pool
+
+    # ------------------------------------------------------------------ selection statistics
+    @property
+    def key_histograms(self) -> dict[int, list[int]]:
+        """Training samples that selected each key, per experience."""
+        return {e: [int(v) for v in c.tolist()] for e, c in sorted(self._counts.items())}
+
+    @property
+    def key_fractions(self) -> dict[int, list[float]]:
+        """Fraction of each experience's training samples that selected each key."""
+        out = {}
+        for e, counts in self.key_histograms.items():
+            total = max(sum(counts), 1)
+            out[e] = [c / total for c in counts]
+        return out
+
+    # ------------------------------------------------------------------ checkpoint state
+    def state_dict(self) -> dict[str, Any]:
+        return {"key_counts": self.key_histograms}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._counts = {int(e): torch.tensor(c, dtype=torch.long) for e, c in state_dict["key_counts"].items()}

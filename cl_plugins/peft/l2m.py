@@ -1,0 +1,676 @@
+"""L2M core (Schmied et al., "Learning to Modulate pre-trained Models in RL", NeurIPS 2023).
+
+A frozen pretrained transformer gets a *modulation pool*: ``M`` learnable keys ``k_i`` and, for
+every targeted linear layer, ``M`` modulators (LoRA matrices, or (IA)^3 scaling vectors). For each
+sample, a query ``q`` computed from the frozen model's embedding of the input selects the entry
+whose key has the highest cosine similarity; that entry's modulators are applied to the sample.
+Keys are pulled toward the queries that select them by the key-matching loss ``1 - cos(q, k)``;
+modulators learn from the task loss. No task id is used, in training or at test time.
+
+Plain torch: :func:`install_l2m` wraps the target layers and installs the query hooks on any
+``nn.Module``; ``callbacks.l2m.L2M`` does it from a Lightning callback.
+
+Defaults and details, checked against the official code (github.com/ml-jku/L2M,
+``src/algos/prompt/{l2m,l2p,base_prompt}.py``, ``configs/.../prompt_kwargs/l2m_lora.yaml``,
+``models/multiprompt_decision_transformer_model.py``):
+
+- pool size 30, rank 8, ``lora_alpha = 2 * rank`` (scaling 2), top-1 selection, keys initialised
+  uniform in [-1, 1], LoRA ``A`` random (Kaiming-uniform, as ``nn.Linear``) and ``B`` zero, so the
+  modulated model starts exactly at the pretrained one; (IA)^3 vectors start at one.
+- Placement. LoRA: attention queries and values (``mod_q``, ``mod_v``; keys not modulated) and
+  the feed-forward block. The official FF LoRA maps the first FF layer's 4d output to itself
+  (``h + s * h A B``); here the standard LoRA of the first FF layer is used (``W1 x + s B A x``):
+  both add a rank-r update to the same pre-activation tensor, ours with fewer parameters.
+  (IA)^3: keys and values scaled, and the FF hidden activation after the nonlinearity (official
+  default ``ia3_lff_pre=False``), implemented as a scaling of the second FF layer's input.
+- Query: the official query is the masked mean over the context of the frozen *input
+  embeddings* (``embed_key=mean``, state tokens), i.e. the embedding layer, not a full forward.
+  ``query="embedding"`` does that (mean of the frozen embedding-layer output over the tokens;
+  padding masked for token inputs): no extra cost. ``query="pooled"`` (as L2P's ``cls``
+  features) uses the frozen, unmodulated model's pooled features (the input of the
+  classification head), at the cost of one extra no-grad forward per step.
+- Similarity, selection and the key loss are computed in float32 (autocast off), as upstream.
+- Key loss: upstream subtracts ``0.5 * sum(cos(q, k_sel)) / batch`` (``pull_constraint_coef``
+  0.5); ``0.5 * mean_b sum_k (1 - cos)`` used here has the same gradient.
+- Count penalty (``count_penalty: True`` in the L2M configs): from the second task on, training
+  selection ranks keys by ``(cos + 1) / 2 * inv_freq`` where ``inv_freq`` is the normalised
+  ``1 / (freq + 1e-6)`` of how often each key was selected in earlier tasks, so a new task takes
+  fresh keys. Test-time selection is plain cosine. Upstream tracks a running mean of per-batch
+  frequencies; here ``freq`` is the overall frequency of earlier selections (summed over ranks).
+- ``top_k > 1`` (upstream L2M supports top-1 only): the ``k`` selected modulators are averaged
+  with equal weights (LoRA: mean of the ``k`` updates; (IA)^3: mean of the ``k`` vectors, which is
+  the same as averaging the scaled outputs); the key loss sums over the ``k`` keys (as L2P).
+
+Every pool tensor is a single parameter per layer, indexed per sample, so entries that no sample
+selected in a step still take part in the graph (with a zero gradient): DDP needs no
+``find_unused_parameters``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from cl_plugins.peft.targets import find_linear_layers, set_submodule
+from cl_plugins.protocols import linear_layer_names
+
+Modulator = Literal["lora", "ia3"]
+QueryMode = Literal["embedding", "pooled"]
+
+#: paper / official-code defaults (configs/agent_params/model_kwargs/prompt_kwargs/l2m_lora.yaml)
+DEFAULT_POOL_SIZE = 30
+DEFAULT_RANK = 8
+DEFAULT_TOP_K = 1
+#: ``pull_constraint_coef`` of the official DecisionTransformerSb3
+DEFAULT_KEY_LOSS_WEIGHT = 0.5
+#: ``1 / (freq + eps)`` in the count penalty, as upstream
+COUNT_EPS = 1e-6
+
+# Layer presets (regular expressions). A fused qkv projection (a layer named "...qkv") is
+# modulated on the slices named by ``qkv_parts``: "qv" for LoRA, "kv" for (IA)^3 by default.
+_TIMM_QKV = r"attn\.qkv$"
+_BERT_Q, _BERT_K, _BERT_V = r"attention\.self\.query$", r"attention\.self\.key$", r"attention\.self\.value$"
+PRESETS: dict[str, dict[str, Any]] = {
+    "timm_vit": {
+        "detect": _TIMM_QKV,
+        "lora": [_TIMM_QKV, r"mlp\.fc1$"],
+        "ia3": [_TIMM_QKV],
+        "ia3_input": [r"mlp\.fc2$"],
+        "query_module": r"(^|\.)patch_embed$",
+    },
+    "bert": {
+        "detect": _BERT_Q,
+        "lora": [_BERT_Q, _BERT_V, r"intermediate\.dense$"],
+        "ia3": [_BERT_K, _BERT_V],
+        "ia3_input": [r"(?<!attention\.)output\.dense$"],
+        "query_module": r"(^|\.)embeddings$",
+    },
+}
+DEFAULT_QKV_PARTS = {"lora": "qv", "ia3": "kv"}
+
+
+# --------------------------------------------------------------------------- selection math
+def cosine_similarity_matrix(query: Tensor, keys: Tensor) -> Tensor:
+    """``cos(q_b, k_m)`` for every sample and key, ``(B, M)``, in float32 whatever the autocast."""
+    with torch.autocast(device_type=query.device.type, enabled=False):
+        q = F.normalize(query.float(), dim=-1, eps=1e-12)
+        k = F.normalize(keys.float(), dim=-1, eps=1e-12)
+        return q @ k.t()
+
+
+def select_entries(
+    query: Tensor, keys: Tensor, top_k: int = 1, inv_freq: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """Top-``k`` keys per sample by cosine similarity.
+
+    With ``inv_freq`` (the count penalty of training on later tasks), keys are ranked by
+    ``(cos + 1) / 2 * inv_freq`` instead. Returns ``(idx, cos)``: the selected entries ``(B, k)``
+    and their (unpenalised, differentiable w.r.t. ``keys``) cosine similarities ``(B, k)``.
+    """
+    if query.dim() != 2 or query.shape[1] != keys.shape[1]:
+        raise ValueError(
+            f"query must be (batch, {keys.shape[1]}) to match the keys, got {tuple(query.shape)}"
+        )
+    if not 1 <= top_k <= keys.shape[0]:
+        raise ValueError(f"top_k must be in [1, pool_size={keys.shape[0]}], got {top_k}")
+    sim = cosine_similarity_matrix(query, keys)
+    with torch.no_grad():
+        ranking = sim if inv_freq is None else (sim + 1) / 2 * inv_freq.float()
+        idx = ranking.topk(top_k, dim=1).indices
+    return idx, sim.gather(1, idx)
+
+
+def key_matching_loss(cos_selected: Tensor) -> Tensor:
+    """``mean_b sum_k (1 - cos(q_b, k_sel))``: pulls each selected key toward its query."""
+    return (1.0 - cos_selected.float()).sum(dim=1).mean()
+
+
+def inverse_frequency(counts: Tensor, eps: float = COUNT_EPS) -> Tensor:
+    """Normalised ``1 / (freq + eps)`` of selection counts (the upstream count penalty)."""
+    counts = counts.double()
+    freq = counts / counts.sum().clamp_min(1.0)
+    inv = 1.0 / (freq + eps)
+    return (inv / inv.sum()).float()
+
+
+def masked_token_mean(embeddings: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Mean over the token axes of ``(B, ..., D)`` embeddings, skipping masked-out tokens."""
+    if embeddings.dim() == 2:
+        return embeddings
+    x = embeddings.flatten(1, -2).float()
+    if mask is None:
+        return x.mean(dim=1)
+    m = mask.flatten(1).to(x.dtype).unsqueeze(-1)
+    return (x * m).sum(dim=1) / m.sum(dim=1).clamp_min(1.0)
+
+
+def pooled_lora_delta(x: Tensor, lora_a: Tensor, lora_b: Tensor, idx: Tensor, scaling: float) -> Tensor:
+    """Per-sample LoRA update ``scaling * mean_j B_{idx[b,j]} A_{idx[b,j]} x_b``, vectorised.
+
+    ``x``: ``(B, ..., d_in)``; ``lora_a``: ``(M, r, d_in)``; ``lora_b``: ``(M, d_out, r)``;
+    ``idx``: ``(B, k)``. Returns ``(B, ..., d_out)``. The selected matrices are gathered per
+    sample and applied with batched matmuls (no loop over samples).
+    """
+    b, k = idx.shape
+    if x.shape[0] != b:
+        raise ValueError(f"batch of {x.shape[0]} inputs but a selection for {b} samples")
+    x3 = x.reshape(b, -1, x.shape[-1])
+    a_sel, b_sel = lora_a[idx], lora_b[idx]  # (B, k, r, d_in), (B, k, d_out, r)
+    # cast to the input's dtype (under autocast the batched matmuls cast again, to the autocast dtype)
+    h = torch.einsum("btd,bkrd->btkr", x3, a_sel.to(x3.dtype))
+    delta = torch.einsum("btkr,bkor->bto", h, b_sel.to(h.dtype))
+    return (delta * (scaling / k)).reshape(*x.shape[:-1], lora_b.shape[1])
+
+
+# --------------------------------------------------------------------------- shared state
+@dataclass
+class SelectionState:
+    """What the query hook hands to the modulated layers within one forward (not a checkpoint state).
+
+    ``idx`` is the current per-sample selection ``(B, k)``; ``pending_loss`` the weighted key loss
+    waiting to be attached to the first modulated output; ``enabled`` is off during the
+    unmodulated query pass.
+    """
+
+    idx: Tensor | None = None
+    pending_loss: Tensor | None = None
+    enabled: bool = True
+    loss_hook: Callable[[Tensor, Tensor], Tensor] | None = None
+    counts: Tensor | None = None
+    in_query_pass: bool = False
+    layer_names: list[str] = field(default_factory=list)
+
+
+class ModulationPool(nn.Module):
+    """Keys of the pool, selection, key loss and the count penalty.
+
+    Args:
+        pool_size: ``M`` entries.
+        key_dim: dimension of the query.
+        top_k: entries per sample (their modulators are averaged).
+        key_loss_weight: weight of the key-matching loss (0 freezes the keys).
+        key_init: ``"uniform"`` (U[-1, 1], upstream default) or ``"normal"`` (N(0, 1)).
+
+    The buffer ``inv_freq`` (the count penalty; uniform, i.e. plain cosine ranking, until
+    :meth:`set_count_penalty` is called) is part of the state dict.
+    """
+
+    def __init__(
+        self,
+        pool_size: int = DEFAULT_POOL_SIZE,
+        key_dim: int = 768,
+        top_k: int = DEFAULT_TOP_K,
+        key_loss_weight: float = DEFAULT_KEY_LOSS_WEIGHT,
+        key_init: str = "uniform",
+    ) -> None:
+        super().__init__()
+        if pool_size < 1:
+            raise ValueError(f"pool_size must be >= 1, got {pool_size}")
+        if not 1 <= top_k <= pool_size:
+            raise ValueError(f"top_k must be in [1, pool_size={pool_size}], got {top_k}")
+        if key_loss_weight < 0:
+            raise ValueError(f"key_loss_weight must be >= 0, got {key_loss_weight}")
+        self.pool_size, self.key_dim, self.top_k = pool_size, key_dim, top_k
+        self.key_loss_weight = float(key_loss_weight)
+        self.keys = nn.Parameter(torch.empty(pool_size, key_dim))
+        if key_init == "uniform":
+            nn.init.uniform_(self.keys, -1.0, 1.0)
+        elif key_init == "normal":
+            nn.init.normal_(self.keys)
+        else:
+            raise ValueError(f"key_init must be 'uniform' or 'normal', got {key_init!r}")
+        # keys without a loss never get a gradient: freeze them (DDP would flag them as unused)
+        self.keys.requires_grad_(self.key_loss_weight > 0)
+        self.register_buffer("inv_freq", torch.full((pool_size,), 1.0 / pool_size))
+        self.state = SelectionState()
+        self.last_key_loss: Tensor | None = None
+
+    def extra_repr(self) -> str:
+        return f"pool_size={self.pool_size}, key_dim={self.key_dim}, top_k={self.top_k}"
+
+    # ---- count penalty
+    def set_count_penalty(self, counts: Tensor | None) -> None:
+        """Sets the count penalty from earlier selection ``counts`` (``None`` or all zero: off).
+
+        A uniform ``inv_freq`` ranks keys exactly as plain cosine similarity does.
+        """
+        if counts is None or float(counts.sum()) <= 0:
+            self.inv_freq.fill_(1.0 / self.pool_size)
+        else:
+            self.inv_freq.copy_(inverse_frequency(counts.to(self.inv_freq.device)))
+
+    # ---- selection
+    def select(self, query: Tensor) -> Tensor:
+        """Selects entries for ``query`` ``(B, key_dim)`` and stores them for the modulated layers.
+
+        In training (module in train mode with grad enabled) the weighted key loss is stored for
+        attachment and the selections are counted; the count penalty applies only then.
+        """
+        query = query.detach()
+        training = self.training and torch.is_grad_enabled()
+        inv = self.inv_freq if training else None
+        idx, cos = select_entries(query, self.keys, self.top_k, inv)
+        st = self.state
+        st.idx = idx
+        st.pending_loss = None
+        if training:
+            if self.keys.requires_grad:
+                loss = self.key_loss_weight * key_matching_loss(cos)
+                st.pending_loss = loss
+                self.last_key_loss = loss
+            counts = torch.bincount(idx.flatten(), minlength=self.pool_size)
+            st.counts = counts if st.counts is None else st.counts + counts
+        return idx
+
+    def pop_counts(self) -> Tensor:
+        """Selections counted in training forwards since the last call, ``(M,)`` int64."""
+        counts = self.state.counts
+        self.state.counts = None
+        if counts is None:
+            return torch.zeros(self.pool_size, dtype=torch.long, device=self.keys.device)
+        return counts
+
+    def clear(self) -> None:
+        """Forgets the current selection (called after each forward of the root module)."""
+        self.state.idx = None
+        self.state.pending_loss = None
+
+    # ---- hooks (bound methods, so that deep copies of the model stay consistent)
+    def _current_selection(self, layer: str, batch: int) -> Tensor | None:
+        st = self.state
+        if not st.enabled:
+            return None
+        if st.idx is None:
+            raise RuntimeError(
+                f"L2M: the modulated layer '{layer}' ran without a key selection. The query is computed "
+                "by a hook on the query module (query='embedding') or on the root module (query='pooled'): "
+                "call the model through that module, or set query_module / query_root accordingly"
+            )
+        if st.idx.shape[0] != batch:
+            raise RuntimeError(
+                f"L2M: the modulated layer '{layer}' got a batch of {batch} but the selection holds "
+                f"{st.idx.shape[0]} samples: the query hook ran on a different input than this layer"
+            )
+        return st.idx
+
+    def _attach_pending(self, output: Tensor) -> Tensor:
+        st = self.state
+        if st.pending_loss is not None and st.loss_hook is not None:
+            term, st.pending_loss = st.pending_loss, None
+            return st.loss_hook(output, term)
+        return output
+
+
+# --------------------------------------------------------------------------- modulated layers
+def _fused_index(out_features: int, parts: str | None) -> Tensor | None:
+    """Output indices of the ``parts`` (subset of "qkv") of a fused qkv projection."""
+    if parts is None:
+        return None
+    if out_features % 3:
+        raise ValueError(f"a fused qkv layer needs out_features divisible by 3, got {out_features}")
+    if not parts or set(parts) - set("qkv"):
+        raise ValueError(f"qkv_parts must be a non-empty subset of 'qkv', got {parts!r}")
+    d = out_features // 3
+    return torch.cat([torch.arange(i * d, (i + 1) * d) for i, p in enumerate("qkv") if p in parts])
+
+
+class PooledLoRALinear(nn.Module):
+    """A frozen ``nn.Linear`` plus a pool of LoRA modulators selected per sample.
+
+    ``y_b = W0 x_b + (alpha / r) * mean_j B_{idx[b,j]} A_{idx[b,j]} x_b`` on the output features in
+    ``out_index`` (all of them when ``None``; a fused qkv layer uses the q and v slices).
+    """
+
+    def __init__(
+        self, base: nn.Linear, pool: ModulationPool, rank: int = DEFAULT_RANK, alpha: float | None = None,
+        out_index: Tensor | None = None, name: str = "",
+    ) -> None:
+        super().__init__()
+        if rank < 1:
+            raise ValueError(f"rank must be >= 1, got {rank}")
+        self.base = base
+        self.rank = rank
+        self.alpha = float(2 * rank if alpha is None else alpha)
+        self.scaling = self.alpha / rank
+        self.name = name
+        d_out = base.out_features if out_index is None else int(out_index.numel())
+        m = pool.pool_size
+        w = base.weight
+        bound = 1.0 / math.sqrt(base.in_features)  # kaiming_uniform(a=sqrt(5)), as nn.Linear / PEFT
+        self.lora_A = nn.Parameter(torch.empty(m, rank, base.in_features, device=w.device).uniform_(-bound, bound))
+        self.lora_B = nn.Parameter(torch.zeros(m, d_out, rank, device=w.device))
+        self.register_buffer("out_index", out_index, persistent=False)
+        self.pool = [pool]  # a list, so the pool is not registered (and saved) once per layer
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, alpha={self.alpha}, pool_size={self.lora_A.shape[0]}"
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.base(x)
+        pool = self.pool[0]
+        idx = pool._current_selection(self.name, x.shape[0])
+        if idx is None:
+            return out
+        delta = pooled_lora_delta(x, self.lora_A, self.lora_B, idx, self.scaling).to(out.dtype)
+        if self.out_index is None:
+            out = out + delta
+        else:
+            out = out.index_add(-1, self.out_index, delta)
+        return pool._attach_pending(out)
+
+
+class PooledIA3Linear(nn.Module):
+    """A frozen ``nn.Linear`` whose output (or input) is scaled by per-sample selected (IA)^3 vectors.
+
+    ``side="output"``: ``y_b = l_{idx[b]} * (W0 x_b)`` on the features in ``index`` (keys and values);
+    ``side="input"``: ``y_b = W0 (l_{idx[b]} * x_b)`` (the FF activation before the second FF layer).
+    With ``top_k > 1`` the selected vectors are averaged. Vectors start at one (identity).
+    """
+
+    def __init__(
+        self, base: nn.Linear, pool: ModulationPool, side: Literal["output", "input"] = "output",
+        index: Tensor | None = None, name: str = "",
+    ) -> None:
+        super().__init__()
+        if side not in ("output", "input"):
+            raise ValueError(f"side must be 'output' or 'input', got {side!r}")
+        self.base, self.side, self.name = base, side, name
+        full = base.out_features if side == "output" else base.in_features
+        if side == "input" and index is not None:
+            raise ValueError("input-side (IA)^3 scales every input feature; index must be None")
+        n = full if index is None else int(index.numel())
+        self.full = full
+        self.scale = nn.Parameter(torch.ones(pool.pool_size, n, device=base.weight.device))
+        self.register_buffer("index", index, persistent=False)
+        self.pool = [pool]
+
+    def extra_repr(self) -> str:
+        return f"side={self.side}, pool_size={self.scale.shape[0]}, features={self.scale.shape[1]}"
+
+    def selected_scale(self, idx: Tensor) -> Tensor:
+        """Per-sample scaling vector over all ``full`` features, ``(B, full)``."""
+        s = self.scale[idx].mean(dim=1)  # (B, n)
+        if self.index is None:
+            return s
+        ones = torch.ones(s.shape[0], self.full, dtype=s.dtype, device=s.device)
+        return ones.index_copy(1, self.index, s)
+
+    def forward(self, x: Tensor) -> Tensor:
+        pool = self.pool[0]
+        idx = pool._current_selection(self.name, x.shape[0])
+        if idx is None:
+            return self.base(x)
+        s = self.selected_scale(idx)
+        shape = (s.shape[0],) + (1,) * (x.dim() - 2) + (s.shape[1],)
+        if self.side == "input":
+            out = self.base(x * s.view(shape).to(x.dtype))
+        else:
+            out = self.base(x)
+            out = out * s.view(shape).to(out.dtype)
+        return pool._attach_pending(out)
+
+
+# --------------------------------------------------------------------------- installation
+@dataclass
+class L2MTargets:
+    """Resolved placement: ``output`` maps layer name -> fused-qkv parts (or None); ``input``
+    lists layers whose input is scaled ((IA)^3 only)."""
+
+    output: dict[str, str | None]
+    input: list[str]
+    preset: str | None
+
+
+def detect_preset(model: nn.Module) -> str | None:
+    """``"timm_vit"`` or ``"bert"`` from the model's linear-layer names, else ``None``."""
+    names = linear_layer_names(model)
+    for preset, spec in PRESETS.items():
+        if any(re.search(spec["detect"], n) for n in names):
+            return preset
+    return None
+
+
+def resolve_targets(
+    model: nn.Module,
+    modulator: Modulator,
+    targets: Sequence[str] | None = None,
+    input_targets: Sequence[str] | None = None,
+    qkv_parts: str | None = None,
+    exclude: Iterable[str] = (),
+) -> L2MTargets:
+    """Which layers get which modulator (see the module docstring for the presets).
+
+    ``targets`` / ``input_targets`` are regular expressions (``None``: the preset of the detected
+    architecture). A matched layer named ``...qkv`` whose output splits in three is modulated on
+    the ``qkv_parts`` slices only (default "qv" for LoRA, "kv" for (IA)^3, as upstream).
+    """
+    if modulator not in ("lora", "ia3"):
+        raise ValueError(f"modulator must be 'lora' or 'ia3', got {modulator!r}")
+    if modulator == "lora" and input_targets:
+        raise ValueError("input_targets apply to (IA)^3 only (input scaling); LoRA modulates layer outputs")
+    parts = DEFAULT_QKV_PARTS[modulator] if qkv_parts is None else qkv_parts
+    _fused_index(3, parts)  # validates qkv_parts early
+    preset = detect_preset(model)
+    if targets is None:
+        if preset is None:
+            raise ValueError(
+                "L2M could not recognise the model (no timm ViT 'attn.qkv' or BERT 'attention.self.query' "
+                f"layer): pass targets=[...] (regular expressions). Linear layers: {linear_layer_names(model)[:40]}"
+            )
+        targets = PRESETS[preset][modulator]
+        if input_targets is None and modulator == "ia3":
+            input_targets = PRESETS[preset]["ia3_input"]
+    excluded = set(exclude)
+    out: dict[str, str | None] = {}
+    for name, layer in find_linear_layers(model, list(targets), exclude=excluded).items():
+        fused = re.search(r"(^|\.)qkv$", name) is not None and layer.out_features % 3 == 0
+        out[name] = parts if fused else None
+    inp = list(find_linear_layers(model, list(input_targets), exclude=excluded)) if input_targets else []
+    both = sorted(set(out) & set(inp))
+    if both:
+        raise ValueError(f"layers {both} are both output and input targets: give each layer one role")
+    return L2MTargets(output=out, input=inp, preset=preset)
+
+
+def find_query_module(model: nn.Module, name: str | None, preset: str | None) -> tuple[str, nn.Module]:
+    """The module whose output embeds the input (the ``query="embedding"`` source)."""
+    modules = dict(model.named_modules())
+    if name is not None:
+        if name not in modules:
+            raise ValueError(f"query_module '{name}' is not a module of {type(model).__name__}")
+        return name, modules[name]
+    patterns = [PRESETS[preset]["query_module"]] if preset else [s["query_module"] for s in PRESETS.values()]
+    for pattern in patterns:
+        hits = [n for n in modules if re.search(pattern, n)]
+        if hits:
+            best = min(hits, key=lambda n: n.count("."))
+            return best, modules[best]
+    raise ValueError(
+        f"L2M found no embedding layer in {type(model).__name__} (looked for 'patch_embed' / 'embeddings'): "
+        "pass query_module='<qualified name of the module that embeds the input>', or use query='pooled'"
+    )
+
+
+def find_pad_token_id(model: nn.Module) -> int | None:
+    """The padding token id of a Hugging Face model inside ``model`` (``None`` if none)."""
+    for m in model.modules():
+        pad = getattr(m, "pad_token_id", None)
+        if isinstance(pad, int):
+            return pad
+    for m in model.modules():
+        pad = getattr(getattr(m, "config", None), "pad_token_id", None)
+        if isinstance(pad, int):
+            return pad
+    return None
+
+
+class QueryHooks:
+    """Computes the query in forward hooks and hands it to the pool.
+
+    ``mode="embedding"``: a forward hook on ``query_module`` averages its output over the tokens
+    (padding masked out when its input is token ids and ``pad_token_id`` is known).
+    ``mode="pooled"``: a forward pre-hook on ``root`` first runs ``root`` once more, unmodulated,
+    in eval mode and without gradients, and takes the input of ``head`` (the pooled features).
+    A forward hook on ``root`` clears the selection after each forward.
+    """
+
+    def __init__(
+        self, pool: ModulationPool, root: nn.Module, mode: QueryMode, query_module: nn.Module | None = None,
+        head: nn.Module | None = None, pad_token_id: int | None = None,
+    ) -> None:
+        if mode not in ("embedding", "pooled"):
+            raise ValueError(f"query must be 'embedding' or 'pooled', got {mode!r}")
+        if mode == "embedding" and query_module is None:
+            raise ValueError("query='embedding' needs the query module")
+        if mode == "pooled" and head is None:
+            raise ValueError("query='pooled' needs the classification head")
+        self.pool, self.root, self.mode = pool, root, mode
+        self.query_module, self.head, self.pad_token_id = query_module, head, pad_token_id
+        self._captured: Tensor | None = None
+        self.handles: list[Any] = []
+
+    def install(self) -> QueryHooks:
+        """Registers the hooks (idempotent)."""
+        if self.handles:
+            return self
+        if self.mode == "embedding":
+            self.handles.append(self.query_module.register_forward_hook(self._on_embedding, with_kwargs=True))
+        else:
+            self.handles.append(self.root.register_forward_pre_hook(self._on_root_pre, with_kwargs=True))
+        self.handles.append(self.root.register_forward_hook(self._on_root_end))
+        return self
+
+    def remove(self) -> None:
+        """Removes the hooks."""
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+    # ---- query sources
+    def embedding_query(self, args: tuple, kwargs: dict, output: Any) -> Tensor:
+        """Token mean of the embedding output, padding masked out."""
+        emb = output[0] if isinstance(output, (tuple, list)) else output
+        if not isinstance(emb, Tensor) or emb.dim() < 2:
+            raise TypeError(f"L2M: the query module's output must be a (batch, ..., dim) tensor, got {type(emb)}")
+        mask = None
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if (
+            self.pad_token_id is not None and isinstance(ids, Tensor) and not ids.is_floating_point()
+            and emb.dim() == 3 and tuple(ids.shape) == tuple(emb.shape[:2])
+        ):
+            mask = ids != self.pad_token_id
+        return masked_token_mean(emb.detach(), mask)
+
+    def _on_embedding(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        if self.pool.state.in_query_pass:
+            return
+        self.pool.select(self.embedding_query(args, kwargs, output))
+
+    def _capture_head_input(self, module: nn.Module, args: tuple) -> None:
+        self._captured = args[0]
+
+    def pooled_query(self, args: tuple, kwargs: dict) -> Tensor:
+        """Pooled features of the frozen, unmodulated model (one extra no-grad eval forward)."""
+        st = self.pool.state
+        modes = {m: m.training for m in self.root.modules()}
+        handle = self.head.register_forward_pre_hook(self._capture_head_input)
+        st.in_query_pass, st.enabled, self._captured = True, False, None
+        try:
+            self.root.eval()
+            with torch.no_grad():
+                self.root(*args, **kwargs)
+        finally:
+            handle.remove()
+            st.in_query_pass, st.enabled = False, True
+            for m, flag in modes.items():
+                m.training = flag
+        feats, self._captured = self._captured, None
+        if feats is None:
+            raise RuntimeError("L2M: the classification head did not run in the query forward (query='pooled')")
+        return masked_token_mean(feats.detach())
+
+    def _on_root_pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if self.pool.state.in_query_pass:
+            return None
+        self.pool.select(self.pooled_query(args, kwargs))
+        return None
+
+    def _on_root_end(self, module: nn.Module, args: tuple, output: Any) -> None:
+        if not self.pool.state.in_query_pass:
+            self.pool.clear()
+
+
+@torch.no_grad()
+def probe_query_dim(
+    root: nn.Module, example: Tensor, mode: QueryMode, query_module: nn.Module | None, head: nn.Module | None
+) -> int:
+    """Runs ``root`` once on ``example`` (eval mode, no grad) and returns the query dimension."""
+    seen: list[Tensor] = []
+    if mode == "embedding":
+        handle = query_module.register_forward_hook(
+            lambda m, a, o: seen.append(o[0] if isinstance(o, (tuple, list)) else o))
+    else:
+        handle = head.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+    modes = {m: m.training for m in root.modules()}
+    try:
+        root.eval()
+        root(example)
+    finally:
+        handle.remove()
+        for m, flag in modes.items():
+            m.training = flag
+    if not seen:
+        raise RuntimeError(f"L2M: the {'query module' if mode == 'embedding' else 'head'} did not run in a forward")
+    return int(seen[0].shape[-1])
+
+
+def install_l2m(
+    model: nn.Module,
+    key_dim: int,
+    modulator: Modulator = "lora",
+    targets: Sequence[str] | None = None,
+    input_targets: Sequence[str] | None = None,
+    qkv_parts: str | None = None,
+    pool_size: int = DEFAULT_POOL_SIZE,
+    top_k: int = DEFAULT_TOP_K,
+    rank: int = DEFAULT_RANK,
+    alpha: float | None = None,
+    key_loss_weight: float = DEFAULT_KEY_LOSS_WEIGHT,
+    key_init: str = "uniform",
+    exclude: Iterable[str] = (),
+    pool_name: str = "l2m_pool",
+    placement: L2MTargets | None = None,
+) -> tuple[ModulationPool, L2MTargets]:
+    """Adds the pool as ``model.<pool_name>`` and wraps the target layers in place.
+
+    ``placement`` (from :func:`resolve_targets`) overrides ``targets`` / ``input_targets`` /
+    ``qkv_parts``. The caller installs the query hooks (:class:`QueryHooks`). Returns the pool and
+    the placement.
+    """
+    if hasattr(model, pool_name):
+        raise RuntimeError(f"{type(model).__name__} already has an attribute '{pool_name}' (L2M installed twice?)")
+    if placement is None:
+        placement = resolve_targets(model, modulator, targets, input_targets, qkv_parts, exclude)
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    pool = ModulationPool(pool_size, key_dim, top_k, key_loss_weight, key_init).to(device)
+    model.add_module(pool_name, pool)
+    for name, parts in placement.output.items():
+        base = model.get_submodule(name)
+        index = _fused_index(base.out_features, parts)
+        new: nn.Module
+        if modulator == "lora":
+            new = PooledLoRALinear(base, pool, rank=rank, alpha=alpha, out_index=index, name=name)
+        else:
+            new = PooledIA3Linear(base, pool, side="output", index=index, name=name)
+        set_submodule(model, name, new)
+    for name in placement.input:
+        set_submodule(model, name, PooledIA3Linear(model.get_submodule(name), pool, side="input", name=name))
+    pool.state.layer_names = list(placement.output) + list(placement.input)
+    return pool, placement

@@ -1,0 +1,441 @@
+"""LoRAMoE: LoRA experts with a router and the localized balancing constraint.
+
+Dou et al., "LoRAMoE: Alleviate World Knowledge Forgetting in Large Language Models via MoE-Style
+Plugin", ACL 2024 (arXiv 2312.09979). Official code: ``Ablustrund/LoRAMoE`` (its modified
+``peft/tuners/lora.py`` and ``transformers/models/llama/modeling_llama.py``), checked for every
+detail below.
+
+The layer. A frozen linear layer ``y = W0 x + b`` gets ``N`` LoRA experts and a router:
+
+    y = W0 x + b + sum_i w_i(x) * (alpha / r) * B_i A_i dropout_i(x),   w(x) = softmax(W_g x)
+
+- the router ``W_g`` is a bias-free linear layer on the layer's input, followed by a dense softmax
+  over the experts: every expert is weighted, no top-k, no noise, no temperature (as the code);
+  the softmax is taken in float32 (as the code) and here the router's logits are too;
+- ``A_i`` (``r x d_in``) is initialised like ``nn.Linear`` (Kaiming-uniform, ``a = sqrt(5)``),
+  ``B_i`` (``d_out x r``) with zeros, so the adapted model starts exactly at the pretrained one;
+  the router is Kaiming-uniform too (as the code);
+- dropout is drawn independently for each expert (the code calls its dropout once per expert);
+- placement (paper and code): the feed-forward layers only, backbone frozen. LLaMA's
+  ``gate_proj`` / ``up_proj`` / ``down_proj`` in the code; here ``mlp.fc1`` / ``mlp.fc2`` of timm
+  ViTs and ``intermediate.dense`` / ``output.dense`` of BERT-style encoders.
+
+Defaults: ``N = 6`` experts of rank 4 (paper), ``alpha = 32`` and dropout 0.05 (the code's
+``run_loramoe.sh``, which uses 8 experts and switches the constraint off in its example run),
+``delta = 0.1`` and ``beta = 0.1`` (paper), experts split in two equal groups (the code's
+``lora_num // 2``).
+
+The localized balancing constraint. Experts belong to groups (group 0: the "world knowledge"
+experts, group 1: the "downstream / new task" experts) and every training sample has a type. For
+a batch of ``m`` samples, the importance ``Q[n, j]`` is the router weight of expert ``n`` summed
+over the tokens of sample ``j`` (every position of the sequence, padding included, as the code);
+``I[n, j] = 1 + delta`` where expert ``n``'s group equals sample ``j``'s type, else
+``1 - delta``; ``Z = I o Q``. The loss is ``beta * CV(Z)^2 = beta * var(Z) / (mean(Z)^2 + 1e-10)``
+over all entries of ``Z`` (unbiased variance; 0 when ``Z`` has a single entry). The paper writes
+``var(Z) / mean(Z)``; the code computes the squared coefficient of variation, which is what is
+done here (it does not depend on the sequence length). The term is computed for every LoRAMoE
+layer and the terms are *summed* over layers (the code adds the term of each projection of each
+block to the language-modelling loss). It is computed in float32 whatever the autocast dtype.
+
+What the constraint does (measured in ``tests/test_loramoe_core.py``): its minimum is a uniform
+``Z``, i.e. ``Q[n, j]`` proportional to ``1 / I[n, j]``. Within a group it balances the experts;
+deviations inside the group of the sample's own type weigh ``(1 + delta)^2`` in the variance
+against ``(1 - delta)^2`` in the other group, so balance is enforced where the sample belongs and
+loose elsewhere. Across groups, the constraint's own optimum gives the sample's own group a
+slightly *smaller* share (ratio ``(1 - delta) / (1 + delta)``, 0.82 for ``delta = 0.1``); the
+specialisation of groups on data types that the paper reports comes with the task loss. This
+follows the paper's formula and the official code (which pairs the first half of the experts with
+``task_type == 1`` in ``I``) exactly.
+
+Why our own layer: Hugging Face PEFT (0.21) has LoRA layers, Polytropon (``poly``: routing over
+LoRA "skills" by task id) and X-LoRA (a classifier over frozen, pre-trained adapters that needs a
+second forward pass), but no token-level router trained jointly with its LoRA experts, and
+nothing for a balancing term that depends on each sample's type. The layer keeps the original
+``nn.Linear`` as ``base`` and adds ``router`` (``nn.Linear``) and ``experts`` (stacked ``A``, ``B``).
+
+The sample types of the current batch reach the layers through a :class:`LoRAMoEContext` shared by
+all layers of one injection: the callback hands it the batch before the forward; the types are
+resolved at the first layer's forward (so callbacks that extend the batch in place, such as
+experience replay, are seen), used while the module is in training mode with gradients enabled,
+and dropped before the backward.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from cl_plugins.aux_loss import AuxLossTracker, attach_aux_loss
+from cl_plugins.peft.targets import BERT_FFN, TIMM_VIT_FFN, find_linear_layers, set_submodule
+from cl_plugins.protocols import linear_layer_names
+
+#: number of experts per layer (paper)
+DEFAULT_NUM_EXPERTS = 6
+#: LoRA rank of each expert (paper and code)
+DEFAULT_RANK = 4
+#: LoRA alpha (code's run script); the expert scaling is alpha / rank
+DEFAULT_ALPHA = 32.0
+#: dropout on each expert's input (code's run script)
+DEFAULT_DROPOUT = 0.05
+#: delta of the coefficient matrix I (paper)
+DEFAULT_DELTA = 0.1
+#: beta, weight of the balancing term of each layer (paper)
+DEFAULT_BALANCE_WEIGHT = 0.1
+#: share of the experts in the world-knowledge group (code: lora_num // 2)
+DEFAULT_KNOWLEDGE_RATIO = 0.5
+#: epsilon of the squared coefficient of variation (code)
+CV_EPS = 1e-10
+#: number of expert groups / sample types: world knowledge (0) and downstream / new tasks (1)
+NUM_GROUPS = 2
+
+#: target presets tried in order when no targets are given (the paper's FFN placement)
+FFN_PRESETS: dict[str, tuple[str, ...]] = {"timm ViT": TIMM_VIT_FFN, "BERT": BERT_FFN}
+
+
+# ---------------------------------------------------------------------------------------------- math
+def split_experts(num_experts: int, num_knowledge_experts: int) -> Tensor:
+    """Group of each expert: the first ``num_knowledge_experts`` are group 0 (world knowledge),
+    the rest group 1 (downstream / new tasks)."""
+    if num_experts < 2:
+        raise ValueError(f"LoRAMoE needs at least 2 experts (one per group), got num_experts={num_experts}")
+    if not 1 <= num_knowledge_experts <= num_experts - 1:
+        raise ValueError(
+            f"num_knowledge_experts={num_knowledge_experts} must leave at least one expert in each group: "
+            f"choose 1..{num_experts - 1} for num_experts={num_experts}"
+        )
+    groups = torch.ones(num_experts, dtype=torch.long)
+    groups[:num_knowledge_experts] = 0
+    return groups
+
+
+def coefficient_matrix(sample_types: Tensor, expert_groups: Tensor, delta: float) -> Tensor:
+    """``I`` of shape ``(num_experts, batch)``: ``1 + delta`` where expert ``n``'s group equals
+    sample ``j``'s type, else ``1 - delta`` (float32)."""
+    match = expert_groups.to(sample_types.device)[:, None] == sample_types[None, :]
+    return torch.where(match, 1.0 + delta, 1.0 - delta).float()
+
+
+def importance(weights: Tensor) -> Tensor:
+    """``Q`` of shape ``(num_experts, batch)``: router weights summed over each sample's tokens.
+
+    ``weights`` has shape ``(batch, ..., num_experts)`` (``(batch, num_experts)`` for a 2-D input).
+    """
+    b, n = weights.shape[0], weights.shape[-1]
+    return weights.float().reshape(b, -1, n).sum(dim=1).t()
+
+
+def cv_squared(x: Tensor, eps: float = CV_EPS) -> Tensor:
+    """Squared coefficient of variation ``var(x) / (mean(x)^2 + eps)`` of all entries (unbiased
+    variance, float32); 0 for a single entry."""
+    x = x.float().reshape(-1)
+    if x.numel() <= 1:
+        return x.sum() * 0.0
+    return x.var() / (x.mean() ** 2 + eps)
+
+
+def localized_balancing_loss(q: Tensor, sample_types: Tensor, expert_groups: Tensor, delta: float) -> Tensor:
+    """``CV(I o Q)^2`` for importance ``q`` ``(num_experts, batch)`` (float32, not yet weighted by beta)."""
+    if q.shape != (expert_groups.numel(), sample_types.numel()):
+        raise ValueError(
+            f"importance of shape {tuple(q.shape)} does not match {expert_groups.numel()} experts x "
+            f"{sample_types.numel()} samples"
+        )
+    with torch.autocast(device_type=q.device.type, enabled=False):
+        return cv_squared(coefficient_matrix(sample_types, expert_groups, delta) * q.float())
+
+
+# ---------------------------------------------------------------------------------------------- context
+class LoRAMoEContext:
+    """State shared by the LoRAMoE layers of one injection: the current batch's sample types, the
+    constraint's settings, the loss tracker and router statistics of the current step.
+
+    Args:
+        expert_groups: group of each expert (``num_experts``,).
+        delta: ``delta`` of the coefficient matrix.
+        balance_weight: ``beta``; 0 turns the constraint off (statistics are still gathered).
+        tracker: seeds the terms' gradients with Lightning's loss scaling (see
+            :mod:`cl_plugins.aux_loss`); ``None`` outside a Trainer.
+        num_groups: number of groups / sample types.
+    """
+
+    def __init__(self, expert_groups: Tensor, delta: float = DEFAULT_DELTA,
+                 balance_weight: float = DEFAULT_BALANCE_WEIGHT, tracker: AuxLossTracker | None = None,
+                 num_groups: int = NUM_GROUPS) -> None:
+        if not 0.0 <= delta <= 1.0:
+            raise ValueError(f"delta must be in [0, 1] (I = 1 +- delta), got {delta}")
+        if balance_weight < 0:
+            raise ValueError(f"balance_weight (beta) must be >= 0, got {balance_weight}")
+        self.expert_groups = expert_groups.long().cpu()
+        if int(self.expert_groups.min()) < 0 or int(self.expert_groups.max()) >= num_groups:
+            raise ValueError(f"expert groups must be in [0, {num_groups}), got {self.expert_groups.tolist()}")
+        self.delta = float(delta)
+        self.balance_weight = float(balance_weight)
+        self.tracker = tracker
+        self.num_groups = num_groups
+        self._batch: Any = None
+        self._resolver: Callable[[Any], Tensor] | None = None
+        self._types: Tensor | None = None
+        #: the types of the last resolved batch (for inspection and tests)
+        self.last_types: Tensor | None = None
+        self._reset_stats()
+
+    @property
+    def num_experts(self) -> int:
+        return self.expert_groups.numel()
+
+    # ---- the current batch
+    def begin_step(self, batch: Any, resolver: Callable[[Any], Tensor]) -> None:
+        """Hands the layers the training batch; ``resolver(batch)`` gives the sample types
+        ``(batch,)`` at the first layer forward (after other hooks extended the batch)."""
+        self._batch, self._resolver, self._types = batch, resolver, None
+
+    def set_types(self, sample_types: Tensor | None) -> None:
+        """Sets the sample types directly (outside a Trainer); ``None`` turns the constraint off."""
+        self._batch, self._resolver = None, None
+        self._types = None if sample_types is None else self._check(sample_types)
+        if self._types is not None:
+            self.last_types = self._types.detach()
+
+    def end_forward(self) -> None:
+        """Stops typing forwards (called before the backward and at the end of the batch)."""
+        self._batch, self._resolver, self._types = None, None, None
+
+    def _check(self, types: Tensor) -> Tensor:
+        if not isinstance(types, Tensor) or types.dim() != 1 or types.is_floating_point():
+            shape = tuple(types.shape) if isinstance(types, Tensor) else type(types).__name__
+            raise TypeError(f"sample types must be a 1-D integer tensor (one type per sample), got {shape}")
+        types = types.long()
+        if types.numel() and (int(types.min()) < 0 or int(types.max()) >= self.num_groups):
+            raise ValueError(
+                f"sample types must be in [0, {self.num_groups}) (0: world-knowledge / retained data, "
+                f"1: new-task data), got values {sorted(set(types.tolist()))}"
+            )
+        return types
+
+    def sample_types(self, batch_size: int, device: torch.device) -> Tensor | None:
+        """Types of the samples of the current forward, or ``None`` when no batch is typed."""
+        if self._types is None and self._resolver is not None:
+            self._types = self._check(self._resolver(self._batch))
+            self.last_types = self._types.detach()
+        if self._types is None:
+            return None
+        if self._types.numel() != batch_size:
+            raise RuntimeError(
+                f"LoRAMoE got {self._types.numel()} sample types for the training batch but a layer saw a batch of "
+                f"{batch_size}: the model's forward must keep the batch dimension first and run on the batch the "
+                "training_step received; with other inputs, pass sample_type=callable(batch) giving one type per "
+                "row the layers see"
+            )
+        if self._types.device != device:
+            self._types = self._types.to(device)
+        return self._types
+
+    # ---- the constraint and statistics
+    def _reset_stats(self) -> None:
+        self._loss_sum: Tensor | None = None
+        self._share_sum: Tensor | None = None
+        self._count: Tensor | None = None
+        self._layers = 0
+
+    def balance(self, output: Tensor, weights: Tensor, types: Tensor) -> Tensor:
+        """Computes one layer's term from its router ``weights`` and attaches it to ``output``."""
+        groups = self.expert_groups.to(weights.device)
+        q = importance(weights)
+        out = output
+        if self.balance_weight > 0:
+            term = self.balance_weight * localized_balancing_loss(q, types, groups, self.delta)
+            out = attach_aux_loss(output, term, self.tracker, None)
+            self._loss_sum = term.detach() if self._loss_sum is None else self._loss_sum + term.detach()
+        with torch.no_grad():
+            tokens = weights[0].numel() // weights.shape[-1]
+            share = q.t() / tokens  # (batch, experts): mean router weight of each sample
+            onehot = F.one_hot(types, self.num_groups).float()
+            share_sum = onehot.t() @ share  # (types, experts)
+            count = onehot.sum(dim=0)
+            if self._share_sum is None:
+                self._share_sum, self._count = share_sum, count
+            else:
+                self._share_sum, self._count = self._share_sum + share_sum, self._count + count
+        self._layers += 1
+        return out
+
+    def pop_stats(self) -> dict[str, Tensor]:
+        """The step's balancing loss (summed over layers) and router statistics, then forgets them.
+
+        Keys: ``balance_loss``; ``expert{n}_load`` (mean router weight of expert ``n`` over the
+        step's samples, tokens and layers); ``group{g}_weight`` (the share of group ``g``);
+        ``type{s}_group{g}_weight`` (the share of group ``g`` for samples of type ``s``, for the
+        types present in the step).
+        """
+        out: dict[str, Tensor] = {}
+        if self._loss_sum is not None:
+            out["balance_loss"] = self._loss_sum
+        if self._share_sum is not None and self._count is not None:
+            groups = self.expert_groups.to(self._share_sum.device)
+            load = self._share_sum.sum(dim=0) / self._count.sum().clamp_min(1.0)
+            for n in range(self.num_experts):
+                out[f"expert{n}_load"] = load[n]
+            for g in range(self.num_groups):
+                out[f"group{g}_weight"] = load[groups == g].sum()
+            present = (self._count > 0).nonzero().flatten().tolist()
+            for s in present:
+                per_type = self._share_sum[s] / self._count[s]
+                for g in range(self.num_groups):
+                    out[f"type{s}_group{g}_weight"] = per_type[groups == g].sum()
+        self._reset_stats()
+        return out
+
+
+# ---------------------------------------------------------------------------------------------- layers
+class LoRAExperts(nn.Module):
+    """``N`` LoRA experts stacked: ``A`` ``(N, r, d_in)``, ``B`` ``(N, d_out, r)``.
+
+    ``forward(x, weights)`` returns ``sum_i weights_i * (alpha / r) * B_i A_i dropout_i(x)``.
+    """
+
+    def __init__(self, in_features: int, out_features: int, num_experts: int = DEFAULT_NUM_EXPERTS,
+                 rank: int = DEFAULT_RANK, alpha: float = DEFAULT_ALPHA, dropout: float = DEFAULT_DROPOUT) -> None:
+        super().__init__()
+        if rank < 1:
+            raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        self.num_experts, self.rank, self.alpha = num_experts, rank, float(alpha)
+        self.scaling = self.alpha / rank
+        self.lora_A = nn.Parameter(torch.empty(num_experts, rank, in_features))
+        self.lora_B = nn.Parameter(torch.zeros(num_experts, out_features, rank))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """``A_i`` like ``nn.Linear(d_in, r)`` (Kaiming-uniform, a = sqrt(5)), ``B_i = 0``."""
+        with torch.no_grad():
+            for i in range(self.num_experts):
+                nn.init.kaiming_uniform_(self.lora_A[i], a=math.sqrt(5))
+            self.lora_B.zero_()
+
+    def forward(self, x: Tensor, weights: Tensor) -> Tensor:
+        n, r, d_in = self.lora_A.shape
+        lead = x.shape[:-1]
+        if self.training and isinstance(self.dropout, nn.Dropout):
+            # an independent dropout mask per expert, as the official code
+            xe = self.dropout(x.unsqueeze(-2).expand(*lead, n, d_in))
+            h = torch.einsum("...ni,nri->...nr", xe, self.lora_A)
+        else:
+            h = F.linear(x, self.lora_A.reshape(n * r, d_in)).reshape(*lead, n, r)
+        h = h * weights.unsqueeze(-1).to(h.dtype)
+        b = self.lora_B.permute(1, 0, 2).reshape(self.lora_B.shape[1], n * r)
+        return F.linear(h.reshape(*lead, n * r), b) * self.scaling
+
+    def extra_repr(self) -> str:
+        n, r, d_in = self.lora_A.shape
+        return f"experts={n}, rank={r}, in={d_in}, out={self.lora_B.shape[1]}, alpha={self.alpha}"
+
+
+class LoRAMoELinear(nn.Module):
+    """A frozen ``nn.Linear`` plus routed LoRA experts (see the module docstring).
+
+    Args:
+        base: the pretrained layer (kept as ``self.base``; its parameters are not touched).
+        num_experts, rank, alpha, dropout: of the experts.
+        expert_groups: group of each expert; default: two equal halves (first half group 0).
+        context: shared :class:`LoRAMoEContext` carrying the sample types; ``None``: no constraint.
+    """
+
+    def __init__(self, base: nn.Linear, num_experts: int = DEFAULT_NUM_EXPERTS, rank: int = DEFAULT_RANK,
+                 alpha: float = DEFAULT_ALPHA, dropout: float = DEFAULT_DROPOUT,
+                 expert_groups: Tensor | Sequence[int] | None = None,
+                 context: LoRAMoEContext | None = None) -> None:
+        super().__init__()
+        if not isinstance(base, nn.Linear):
+            raise TypeError(f"LoRAMoELinear wraps an nn.Linear, got {type(base).__name__}")
+        if num_experts < 2:
+            raise ValueError(f"LoRAMoE needs at least 2 experts, got num_experts={num_experts}")
+        self.base = base
+        factory: dict[str, Any] = {"device": base.weight.device}
+        if base.weight.is_floating_point():
+            factory["dtype"] = base.weight.dtype
+        self.router = nn.Linear(base.in_features, num_experts, bias=False, **factory)
+        self.experts = LoRAExperts(base.in_features, base.out_features, num_experts, rank, alpha, dropout).to(
+            **factory)
+        groups = split_experts(num_experts, num_experts // 2) if expert_groups is None else torch.as_tensor(
+            expert_groups, dtype=torch.long)
+        if groups.shape != (num_experts,):
+            raise ValueError(f"expert_groups needs one group per expert ({num_experts}), got {groups.tolist()}")
+        self.register_buffer("expert_groups", groups.to(base.weight.device), persistent=False)
+        self.context = context
+
+    @property
+    def num_experts(self) -> int:
+        return self.experts.num_experts
+
+    def route(self, x: Tensor) -> Tensor:
+        """Router weights ``softmax(W_g x)`` over the experts, in float32 (sum to one)."""
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return torch.softmax(F.linear(x.float(), self.router.weight.float()), dim=-1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.base(x)
+        weights = self.route(x)
+        out = out + self.experts(x, weights).to(out.dtype)
+        ctx = self.context
+        if ctx is not None and self.training and torch.is_grad_enabled():
+            types = ctx.sample_types(x.shape[0], x.device)
+            if types is not None:
+                out = ctx.balance(out, weights, types)
+        return out
+
+
+# ---------------------------------------------------------------------------------------------- injection
+def resolve_ffn_targets(model: nn.Module, targets: Sequence[str] | None, exclude: Sequence[str] = ()
+                        ) -> dict[str, nn.Linear]:
+    """The linear layers to equip: ``targets`` patterns, or the FFN preset that matches ``model``."""
+    if targets is not None:
+        return find_linear_layers(model, list(targets), exclude=exclude)
+    for preset in FFN_PRESETS.values():
+        try:
+            return find_linear_layers(model, preset, exclude=exclude)
+        except ValueError:
+            continue
+    names = linear_layer_names(model)
+    shown = ", ".join(names[:40]) + (f", ... ({len(names)} in all)" if len(names) > 40 else "")
+    raise ValueError(
+        f"LoRAMoE found no feed-forward layers of a timm ViT (mlp.fc1 / mlp.fc2) or a BERT-style encoder "
+        f"(intermediate.dense / output.dense) in {type(model).__name__}: pass targets= (regular expressions of the "
+        f"FFN linear layers). Its linear layers are: {shown or 'none'}"
+    )
+
+
+def inject_loramoe(
+    model: nn.Module,
+    context: LoRAMoEContext,
+    targets: Sequence[str] | None = None,
+    rank: int = DEFAULT_RANK,
+    alpha: float = DEFAULT_ALPHA,
+    dropout: float = DEFAULT_DROPOUT,
+    exclude: Sequence[str] = (),
+) -> list[str]:
+    """Replaces the target linear layers of ``model`` with :class:`LoRAMoELinear` sharing ``context``.
+
+    Returns the qualified names of the trainable new modules (``<layer>.router``, ``<layer>.experts``).
+    """
+    layers = resolve_ffn_targets(model, targets, exclude)
+    already = [n for n, m in layers.items() if isinstance(m, LoRAMoELinear)]
+    if already:
+        raise ValueError(f"layers {already[:3]} already carry LoRAMoE experts")
+    new: list[str] = []
+    for name, layer in layers.items():
+        moe = LoRAMoELinear(layer, context.num_experts, rank, alpha, dropout, context.expert_groups, context)
+        set_submodule(model, name, moe)
+        new += [f"{name}.router", f"{name}.experts"]
+    return new
+
+
+def loramoe_layers(model: nn.Module) -> dict[str, LoRAMoELinear]:
+    """Every :class:`LoRAMoELinear` of ``model`` by qualified name."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoRAMoELinear)}

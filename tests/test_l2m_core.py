@@ -1,0 +1,270 @@
+"""L2M core math against hand-computed values: selection, key loss, count penalty, modulated layers."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from cl_plugins.peft.l2m import (
+    COUNT_EPS,
+    ModulationPool,
+    PooledIA3Linear,
+    PooledLoRALinear,
+    QueryHooks,
+    find_query_module,
+    install_l2m,
+    inverse_frequency,
+    key_matching_loss,
+    masked_token_mean,
+    pooled_lora_delta,
+    resolve_targets,
+    select_entries,
+)
+
+
+def _pool(keys: torch.Tensor, top_k: int = 1, weight: float = 0.5) -> ModulationPool:
+    pool = ModulationPool(pool_size=keys.shape[0], key_dim=keys.shape[1], top_k=top_k, key_loss_weight=weight)
+    with torch.no_grad():
+        pool.keys.copy_(keys)
+    return pool
+
+
+def test_selection_picks_the_nearest_key_by_cosine_not_by_dot_product():
+    # key 0 has the largest dot product with q but key 1 points the same way
+    keys = torch.tensor([[10.0, 0.0], [0.5, 0.5], [-1.0, 0.0]])
+    q = torch.tensor([[1.0, 1.0], [-2.0, 0.1]])
+    idx, cos = select_entries(q, keys, top_k=1)
+    assert idx.tolist() == [[1], [2]]
+    torch.testing.assert_close(cos[:, 0], torch.tensor([1.0, 2.0 / math.sqrt(4.01)]))
+    idx2, cos2 = select_entries(q, keys, top_k=2)
+    assert idx2.tolist() == [[1, 0], [2, 1]]
+    torch.testing.assert_close(cos2[0], torch.tensor([1.0, 1 / math.sqrt(2)]))
+
+
+def test_key_matching_loss_value_and_one_sgd_step_pulls_keys_toward_queries():
+    keys = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    q = torch.tensor([[1.0, 1.0, 0.0], [0.0, 1.0, 1.0], [0.0, 2.0, 1.0]])
+    pool = _pool(keys, weight=0.5)
+    pool.train()
+    pool.select(q)
+    # hand: sample 0 -> key 0 or 1 (tie at 1/sqrt2, topk keeps the first), 1 -> key 1, 2 -> key 1
+    cos = torch.tensor([1 / math.sqrt(2), 1 / math.sqrt(2), 2 / math.sqrt(5)])
+    expected = 0.5 * (1 - cos).mean()
+    torch.testing.assert_close(pool.last_key_loss, expected)
+    before = key_matching_loss(select_entries(q, pool.keys.detach(), 1)[1]).item()
+    opt = torch.optim.SGD([pool.keys], lr=0.5)
+    pool.last_key_loss.backward()
+    opt.step()
+    after = key_matching_loss(select_entries(q, pool.keys.detach(), 1)[1]).item()
+    assert after < before - 1e-3
+
+
+def test_count_penalty_steers_training_selection_only():
+    keys = torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0]])
+    pool = _pool(keys)
+    q = torch.tensor([[1.0, 0.1]])
+    counts = torch.tensor([3, 1, 0])
+    # hand: freq = [0.75, 0.25, 0], inv = 1 / (freq + eps), normalised
+    inv = torch.tensor([1 / (0.75 + COUNT_EPS), 1 / (0.25 + COUNT_EPS), 1 / COUNT_EPS], dtype=torch.float64)
+    torch.testing.assert_close(inverse_frequency(counts), (inv / inv.sum()).float())
+    pool.train()
+    assert pool.select(q).tolist() == [[0]]  # uniform penalty = plain cosine ranking
+    pool.set_count_penalty(counts)
+    assert pool.select(q).tolist() == [[2]]  # the unused key wins in training
+    pool.eval()
+    assert pool.select(q).tolist() == [[0]]  # test time: plain cosine, no penalty, no task id
+    assert pool.last_key_loss is not None and pool.state.pending_loss is None  # no loss in eval
+    pool.train()
+    pool.set_count_penalty(None)
+    assert pool.select(q).tolist() == [[0]]
+
+
+def test_training_selections_are_counted_and_popped():
+    pool = _pool(torch.eye(3))
+    pool.train()
+    pool.select(torch.tensor([[1.0, 0, 0], [0, 0, 1.0], [0, 0, 2.0]]))
+    pool.select(torch.tensor([[0, 1.0, 0]]))
+    assert pool.pop_counts().tolist() == [1, 1, 2]
+    assert pool.pop_counts().tolist() == [0, 0, 0]
+    pool.eval()
+    pool.select(torch.tensor([[1.0, 0, 0]]))
+    assert pool.pop_counts().tolist() == [0, 0, 0]
+
+
+def _lora_layer(pool, d_in=5, d_out=6, rank=2, out_index=None, seed=0):
+    torch.manual_seed(seed)
+    layer = PooledLoRALinear(nn.Linear(d_in, d_out), pool, rank=rank, alpha=3.0, out_index=out_index, name="l")
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    return layer
+
+
+def test_lora_layer_mixed_selection_in_one_batch_matches_per_sample_hand_computation():
+    pool = _pool(torch.randn(3, 4))
+    layer = _lora_layer(pool)
+    x = torch.randn(4, 7, 5)  # 4 samples of 7 tokens
+    pool.state.idx = torch.tensor([[0], [2], [1], [2]])
+    out = layer(x)
+    s = 3.0 / 2
+    for b, i in enumerate([0, 2, 1, 2]):
+        w = layer.base.weight + s * layer.lora_B[i] @ layer.lora_A[i]
+        torch.testing.assert_close(out[b], x[b] @ w.t() + layer.base.bias)
+    # top-2: the mean of the two selected updates
+    pool.state.idx = torch.tensor([[0, 1], [2, 0], [1, 1], [2, 1]])
+    out2 = layer(x)
+    for b, (i, j) in enumerate([(0, 1), (2, 0), (1, 1), (2, 1)]):
+        upd = s * (layer.lora_B[i] @ layer.lora_A[i] + layer.lora_B[j] @ layer.lora_A[j]) / 2
+        torch.testing.assert_close(out2[b], x[b] @ (layer.base.weight + upd).t() + layer.base.bias)
+    # 2-D inputs (no token axis) too
+    x2 = torch.randn(4, 5)
+    pool.state.idx = torch.tensor([[1], [1], [0], [2]])
+    for b, i in enumerate([1, 1, 0, 2]):
+        w = layer.base.weight + s * layer.lora_B[i] @ layer.lora_A[i]
+        torch.testing.assert_close(layer(x2)[b], x2[b] @ w.t() + layer.base.bias)
+
+
+def test_lora_on_fused_qkv_touches_only_the_q_and_v_slices():
+    pool = _pool(torch.randn(2, 4))
+    index = torch.cat([torch.arange(0, 4), torch.arange(8, 12)])  # q and v of a 3 x 4 output
+    layer = _lora_layer(pool, d_in=4, d_out=12, out_index=index)
+    assert layer.lora_B.shape == (2, 8, 2)
+    x = torch.randn(3, 2, 4)
+    pool.state.idx = torch.tensor([[1], [0], [1]])
+    out, base = layer(x), layer.base(x)
+    torch.testing.assert_close(out[..., 4:8], base[..., 4:8])  # k untouched
+    for b, i in enumerate([1, 0, 1]):
+        delta = 1.5 * x[b] @ (layer.lora_B[i] @ layer.lora_A[i]).t()
+        torch.testing.assert_close(out[b][..., index], base[b][..., index] + delta)
+
+
+def test_lora_starts_at_the_base_layer_and_only_selected_entries_get_gradient():
+    pool = _pool(torch.randn(4, 3))
+    torch.manual_seed(0)
+    layer = PooledLoRALinear(nn.Linear(5, 6), pool, rank=2, name="l")
+    layer.base.requires_grad_(False)
+    x = torch.randn(3, 5)
+    pool.state.idx = torch.tensor([[0], [2], [0]])
+    torch.testing.assert_close(layer(x), layer.base(x))  # B = 0
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    layer(x).pow(2).sum().backward()
+    assert layer.lora_A.grad is not None and layer.lora_B.grad is not None
+    for entry in (1, 3):  # unselected: present (for DDP) but exactly zero
+        assert torch.count_nonzero(layer.lora_A.grad[entry]) == 0
+        assert torch.count_nonzero(layer.lora_B.grad[entry]) == 0
+    for entry in (0, 2):
+        assert torch.count_nonzero(layer.lora_A.grad[entry]) > 0
+
+
+def test_pooled_lora_delta_rejects_a_selection_for_another_batch():
+    with pytest.raises(ValueError, match="selection for 2 samples"):
+        pooled_lora_delta(torch.randn(3, 4), torch.randn(2, 1, 4), torch.randn(2, 5, 1), torch.zeros(2, 1).long(), 1.0)
+
+
+def test_ia3_output_and_input_scaling_match_hand_computation():
+    pool = _pool(torch.randn(3, 4), top_k=2)
+    torch.manual_seed(0)
+    kv = torch.arange(4, 12)  # k and v of a fused 3 x 4 output
+    out_layer = PooledIA3Linear(nn.Linear(4, 12), pool, side="output", index=kv, name="qkv")
+    in_layer = PooledIA3Linear(nn.Linear(6, 4), pool, side="input", name="fc2")
+    torch.testing.assert_close(out_layer.scale, torch.ones(3, 8))  # identity at init
+    with torch.no_grad():
+        out_layer.scale.uniform_(0.5, 1.5)
+        in_layer.scale.uniform_(0.5, 1.5)
+    x, h = torch.randn(2, 3, 4), torch.randn(2, 3, 6)
+    pool.state.idx = torch.tensor([[0, 2], [1, 1]])
+    y, z = out_layer(x), in_layer(h)
+    for b, (i, j) in enumerate([(0, 2), (1, 1)]):
+        full = torch.ones(12)
+        full[4:] = (out_layer.scale[i] + out_layer.scale[j]) / 2
+        torch.testing.assert_close(y[b], out_layer.base(x[b]) * full)
+        s = (in_layer.scale[i] + in_layer.scale[j]) / 2
+        torch.testing.assert_close(z[b], in_layer.base(h[b] * s))
+
+
+def test_masked_token_mean_skips_padding():
+    emb = torch.tensor([[[1.0, 2.0], [3.0, 4.0], [100.0, 100.0]]])
+    mask = torch.tensor([[True, True, False]])
+    torch.testing.assert_close(masked_token_mean(emb, mask), torch.tensor([[2.0, 3.0]]))
+    torch.testing.assert_close(masked_token_mean(emb), emb.mean(1))
+    torch.testing.assert_close(masked_token_mean(emb.view(1, 3, 1, 2)), emb.mean(1))  # (B, H, W, D)
+
+
+def _tiny_vit() -> nn.Module:
+    import timm
+
+    torch.manual_seed(0)
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=5, in_chans=1, img_size=8,
+                             patch_size=4, embed_dim=16, depth=1, num_heads=2)
+
+
+@pytest.mark.parametrize("modulator", ["lora", "ia3"])
+def test_selection_is_per_sample_and_depends_only_on_x(modulator):
+    """No task id anywhere: a sample's output is the same alone or in any batch, and each sample uses its own
+    entry (batches mix entries)."""
+    model = _tiny_vit()
+    model.requires_grad_(False)
+    reference = _tiny_vit()
+    pool, placement = install_l2m(model, key_dim=16, modulator=modulator, pool_size=4, exclude=["head"])
+    if modulator == "lora":
+        assert placement.output == {"blocks.0.attn.qkv": "qv", "blocks.0.mlp.fc1": None}
+    else:
+        assert placement.output == {"blocks.0.attn.qkv": "kv"} and placement.input == ["blocks.0.mlp.fc2"]
+    _, qmod = find_query_module(model, None, placement.preset)
+    QueryHooks(pool, model, "embedding", qmod).install()
+    x = torch.randn(6, 1, 8, 8)
+    model.eval()
+    torch.testing.assert_close(model(x), reference.eval()(x))  # starts at the pretrained model
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad and p is not pool.keys:
+                p.add_(0.3 * torch.randn_like(p))
+        pool.keys.copy_(torch.randn(4, 16) * 0.05 + pool.keys)
+        chosen = []
+        hook = model.blocks[0].attn.qkv.register_forward_pre_hook(lambda m, a: chosen.append(pool.state.idx.clone()))
+        batched = model(x)
+        hook.remove()
+        alone = torch.cat([model(x[i: i + 1]) for i in range(6)])
+        reversed_ = model(x.flip(0)).flip(0)
+    torch.testing.assert_close(batched, alone)
+    torch.testing.assert_close(batched, reversed_)
+    assert len(set(chosen[0].flatten().tolist())) > 1, "expected a batch that mixes pool entries"
+    assert pool.state.idx is None  # cleared after the forward
+
+
+def test_resolve_targets_errors_are_explicit():
+    mlp = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    with pytest.raises(ValueError, match="pass targets="):
+        resolve_targets(mlp, "lora")
+    with pytest.raises(ValueError, match="input_targets apply to"):
+        resolve_targets(mlp, "lora", targets=["0"], input_targets=["2"])
+    with pytest.raises(ValueError, match="match no linear layer"):
+        resolve_targets(mlp, "lora", targets=["nope"])
+    with pytest.raises(ValueError, match="modulator must be"):
+        resolve_targets(mlp, "prefix")
+    with pytest.raises(ValueError, match="qkv_parts"):
+        resolve_targets(_tiny_vit(), "lora", qkv_parts="qx")
+    with pytest.raises(ValueError, match="found no embedding layer"):
+        find_query_module(mlp, None, None)
+
+
+def test_a_deep_copy_of_a_modulated_model_has_its_own_pool_and_hooks():
+    import copy
+
+    model = _tiny_vit()
+    model.requires_grad_(False)
+    pool, placement = install_l2m(model, key_dim=16, pool_size=3, exclude=["head"])
+    QueryHooks(pool, model, "embedding", find_query_module(model, None, placement.preset)[1]).install()
+    with torch.no_grad():
+        model.blocks[0].mlp.fc1.lora_B.normal_()
+    twin = copy.deepcopy(model).eval()
+    model.eval()
+    x = torch.randn(2, 1, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(twin(x), model(x))
+        assert twin.blocks[0].mlp.fc1.pool[0] is twin.l2m_pool and twin.l2m_pool is not pool
+        twin.blocks[0].mlp.fc1.lora_B.add_(1.0)
+        assert not torch.allclose(twin(x), model(x))
