@@ -24,6 +24,7 @@ def main(args: list[str] | None = None) -> LightningCLI:
         subclass_mode_model=True,
         subclass_mode_data=True,
         parser_kwargs={"parser_mode": "omegaconf"},
+        save_config_kwargs={"overwrite": True},
         trainer_defaults={"num_sanity_val_steps": 0, "reload_dataloaders_every_n_epochs": 1},
         args=args,
     )

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+
 from callbacks.metrics import ContinualMetrics
 
 

@@ -7,9 +7,9 @@ only continual-learning additions are marked "# CL".
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
-from callbacks.metrics import ContinualMetrics  # CL
 
 from callbacks import ExperienceReplay  # CL
+from callbacks.metrics import ContinualMetrics  # CL
 from datamodules import SplitDigits  # CL
 
 

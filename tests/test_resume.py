@@ -6,10 +6,10 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
-from callbacks.metrics import ContinualMetrics
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from callbacks import ContinualCallback, ExperienceReplay
+from callbacks.metrics import ContinualMetrics
 from cl_plugins import ContinualClassifier
 from datamodules import SplitDigits
 from tests.conftest import quiet_trainer_kwargs
