@@ -1,7 +1,24 @@
 """Lightning callbacks: thin adapters over the method cores in ``cl_plugins``."""
 
 from callbacks.base import ContinualCallback, get_stream
+from callbacks.injection import InjectionCallback
 from callbacks.joint import JointTraining
+from callbacks.l2m import L2M
+from callbacks.lora import LoRA
+from callbacks.loramoe import LoRAMoE
+from callbacks.metrics import ContinualMetrics
+from callbacks.pego import PEGO
 from callbacks.replay import ExperienceReplay
 
-__all__ = ["ContinualCallback", "ExperienceReplay", "JointTraining", "get_stream"]
+__all__ = [
+    "L2M",
+    "PEGO",
+    "ContinualCallback",
+    "ContinualMetrics",
+    "ExperienceReplay",
+    "InjectionCallback",
+    "JointTraining",
+    "LoRA",
+    "LoRAMoE",
+    "get_stream",
+]
