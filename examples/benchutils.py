@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import statistics
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,9 +23,12 @@ def run_stream(
 ) -> dict[str, Any]:
     """Trains ``model`` on the whole stream with ``callbacks``; returns the metrics summary, the
     accuracy matrix and the wall time of ``fit`` in seconds."""
-    metrics = ContinualMetrics(output_dir=output_dir, plot=output_dir is not None)
+    # without an output folder the reports go to a throwaway folder, not the working directory
+    out = output_dir or tempfile.mkdtemp(prefix="cl_bench_")
+    metrics = ContinualMetrics(output_dir=out, plot=output_dir is not None)
     kw = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-              enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+              enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+              default_root_dir=out)
     kw.update(trainer_kwargs)
     trainer = pl.Trainer(callbacks=[*callbacks, metrics], **kw)
     start = time.perf_counter()
