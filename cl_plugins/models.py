@@ -43,14 +43,18 @@ class SmallCNN(nn.Module):
 
 
 class MLP(nn.Module):
-    """Flatten, hidden layers with ReLU, linear head."""
+    """Flatten, hidden layers with ReLU (and dropout when ``dropout > 0``), linear head."""
 
-    def __init__(self, input_dim: int, num_classes: int = 10, hidden: int = 256, depth: int = 2) -> None:
+    def __init__(
+        self, input_dim: int, num_classes: int = 10, hidden: int = 256, depth: int = 2, dropout: float = 0.0
+    ) -> None:
         super().__init__()
         layers: list[nn.Module] = [nn.Flatten()]
         d = input_dim
         for _ in range(depth):
             layers += [nn.Linear(d, hidden), nn.ReLU()]
+            if dropout > 0:
+                layers.append(nn.Dropout(dropout))
             d = hidden
         self.body = nn.Sequential(*layers)
         self.head = nn.Linear(d, num_classes)

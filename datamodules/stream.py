@@ -8,12 +8,13 @@ matrix. Batches are ``(x, y, task_label)``.
 
 from __future__ import annotations
 
-import math
+import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSampler, Sampler
@@ -381,8 +382,11 @@ class ContinualDataModule(pl.LightningDataModule):
 
     # ------------------------------------------------------------------ checkpoint state
     def state_dict(self) -> dict[str, Any]:
+        # the global RNG states too: Lightning does not checkpoint them, and without them dropout
+        # masks (and any other global draws) differ after a resume
         return {"pinned": self._pinned, "joint": self.joint, "seed": self.seed,
-                "epochs_per_experience": self.epochs_per_experience}
+                "epochs_per_experience": self.epochs_per_experience,
+                "rng": _rng_states()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if state_dict.get("epochs_per_experience", self.epochs_per_experience) != self.epochs_per_experience:
@@ -392,9 +396,36 @@ class ContinualDataModule(pl.LightningDataModule):
             )
         self._pinned = state_dict.get("pinned", self._pinned)
         self.joint = state_dict.get("joint", self.joint)
+        if "rng" in state_dict:
+            _set_rng_states(state_dict["rng"])
 
 
-def steps_per_epoch(num_samples: int, batch_size: int, world_size: int = 1) -> int:
-    """Optimizer-free batch count of one epoch over ``num_samples`` (per rank under DDP)."""
-    per_rank = math.ceil(num_samples / world_size)
-    return math.ceil(per_rank / batch_size)
+def _rng_states() -> dict[str, Any]:
+    """torch, CUDA, numpy and Python global RNG states as tensors and numbers (loadable with
+    ``torch.load(weights_only=True)``, which Lightning uses for checkpoints)."""
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    states: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy_keys": torch.from_numpy(np_state[1].astype(np.int64)),
+        "numpy_pos": int(np_state[2]),
+        "numpy_has_gauss": int(np_state[3]),
+        "numpy_gauss": float(np_state[4]),
+        "python_version": int(py_state[0]),
+        "python_state": torch.tensor(py_state[1], dtype=torch.int64),
+        "python_gauss": py_state[2],
+    }
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def _set_rng_states(states: dict[str, Any]) -> None:
+    """Restores what :func:`_rng_states` collected."""
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    np.random.set_state(("MT19937", states["numpy_keys"].numpy().astype(np.uint32), states["numpy_pos"],
+                         states["numpy_has_gauss"], states["numpy_gauss"]))
+    random.setstate((states["python_version"], tuple(states["python_state"].tolist()), states["python_gauss"]))
+
