@@ -17,6 +17,7 @@ from datamodules.digits import SplitDigits
 from datamodules.stream import ContinualDataModule
 from tests._subprocess import run_script
 from tests.conftest import quiet_trainer_kwargs
+from tests.helpers import StopAfter
 
 VIT_KW = dict(img_size=8, patch_size=4, embed_dim=32, depth=2, num_heads=2)
 BERT_CFG = dict(vocab_size=40, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
@@ -176,15 +177,6 @@ def test_one_fit_per_experience_reuses_the_injection_and_the_counts():
     assert sum(1 for n, _ in model.named_modules() if n.endswith("l2m_pool")) == 1
 
 
-class _StopAfter(ContinualCallback):
-    def __init__(self, experience: int) -> None:
-        super().__init__()
-        self.experience = experience
-
-    def on_experience_end(self, trainer, pl_module, experience):
-        if experience == self.experience:
-            trainer.should_stop = True
-
 
 def _run(tmp: Path, stop_after: int | None = None, ckpt_path: str | None = None):
     pl.seed_everything(0)
@@ -193,7 +185,7 @@ def _run(tmp: Path, stop_after: int | None = None, ckpt_path: str | None = None)
     l2m = L2M(pool_size=5)
     callbacks = [l2m, ModelCheckpoint(dirpath=tmp / "ckpt", save_top_k=-1, every_n_epochs=1, filename="{epoch}")]
     if stop_after is not None:
-        callbacks.append(_StopAfter(stop_after))
+        callbacks.append(StopAfter(stop_after))
     trainer = pl.Trainer(**quiet_trainer_kwargs(callbacks=callbacks, enable_checkpointing=True, default_root_dir=tmp,
                                                 limit_val_batches=1))
     trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)

@@ -15,7 +15,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from PIL import Image
 from torch import nn
 
-from callbacks import ContinualCallback, JointTraining
+from callbacks import JointTraining
 from callbacks.metrics import ContinualMetrics
 from cl_plugins.metrics import (
     average_accuracy,
@@ -32,6 +32,7 @@ from datamodules import SplitDigits
 from datamodules.digits import load_digits_tensors
 from tests._subprocess import run_script
 from tests.conftest import quiet_trainer_kwargs
+from tests.helpers import StopAfter
 
 # ---------------------------------------------------------------------------- pure functions
 R = [[0.9, 0.1, 0.2],
@@ -249,15 +250,6 @@ def test_missing_validation_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="limit_val_batches=0"):
         _fit(Oracle(), _dm(), metrics(), limit_val_batches=0)
 
-
-class StopAfter(ContinualCallback):
-    def __init__(self, experience: int) -> None:
-        super().__init__()
-        self.experience = experience
-
-    def on_experience_end(self, trainer, pl_module, experience):
-        if experience == self.experience:
-            trainer.should_stop = True
 
 
 def test_state_dict_round_trip_and_resume_from_mid_stream_checkpoint(tmp_path, expected):

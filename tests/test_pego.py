@@ -20,6 +20,7 @@ from datamodules.digits import SplitDigits
 from datamodules.stream import ContinualDataModule
 from tests._subprocess import run_script
 from tests.conftest import quiet_trainer_kwargs
+from tests.helpers import StopAfter
 
 VIT_KW = dict(img_size=8, patch_size=4, embed_dim=32, depth=2, num_heads=2)
 BERT_CFG = dict(vocab_size=40, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
@@ -144,15 +145,6 @@ def test_bf16_mixed_trains_with_float32_terms():
     assert pego.is_merged(model)
 
 
-class _StopAfter(ContinualCallback):
-    def __init__(self, experience: int) -> None:
-        super().__init__()
-        self.experience = experience
-
-    def on_experience_end(self, trainer, pl_module, experience):
-        if experience == self.experience:
-            trainer.should_stop = True
-
 
 def _run(tmp: Path, stop_after: int | None = None, ckpt_path: str | None = None):
     pl.seed_everything(0)
@@ -160,7 +152,7 @@ def _run(tmp: Path, stop_after: int | None = None, ckpt_path: str | None = None)
     pego = PEGO(num_loras=2)
     callbacks = [pego, ModelCheckpoint(dirpath=tmp / "ckpt", save_top_k=-1, every_n_epochs=1, filename="{epoch}")]
     if stop_after is not None:
-        callbacks.append(_StopAfter(stop_after))
+        callbacks.append(StopAfter(stop_after))
     trainer = pl.Trainer(**quiet_trainer_kwargs(callbacks=callbacks, enable_checkpointing=True,
                                                 default_root_dir=tmp, limit_train_batches=5))
     trainer.fit(model, datamodule=_digits(5, batch_size=32), ckpt_path=ckpt_path)

@@ -9,24 +9,12 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from callbacks import ContinualCallback, ExperienceReplay
+from callbacks import ExperienceReplay
 from callbacks.metrics import ContinualMetrics
 from cl_plugins import ContinualClassifier
 from datamodules import SplitDigits
 from tests.conftest import quiet_trainer_kwargs
-
-
-class StopAfter(ContinualCallback):
-    """Stops the fit at the end of one experience, as a crash or a time limit would."""
-
-    def __init__(self, experience: int) -> None:
-        super().__init__()
-        self.experience = experience
-
-    def on_experience_end(self, trainer, pl_module, experience):
-        if experience == self.experience:
-            trainer.should_stop = True
-
+from tests.helpers import StopAfter
 
 MODELS = {
     "small_cnn": dict(backbone="small_cnn", backbone_kwargs={"width": 8}),
