@@ -3,6 +3,7 @@
 from callbacks.base import ContinualCallback, get_stream
 from callbacks.injection import InjectionCallback
 from callbacks.joint import JointTraining
+from callbacks.kfpf import FPF, KFPF
 from callbacks.l2m import L2M
 from callbacks.lora import LoRA
 from callbacks.loramoe import LoRAMoE
@@ -11,6 +12,8 @@ from callbacks.pego import PEGO
 from callbacks.replay import ExperienceReplay
 
 __all__ = [
+    "FPF",
+    "KFPF",
     "L2M",
     "PEGO",
     "ContinualCallback",

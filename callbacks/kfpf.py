@@ -1,0 +1,457 @@
+"""k-FPF and FPF as Lightning callbacks (Zhao et al., "Does Continual Learning Equally Forget All
+Parameters?", ICML 2023).
+
+k-FPF trains on the current experience only (no replay at every step) and, ``k`` times evenly
+spaced over the whole stream's optimizer steps, fine-tunes only the forgetting-prone modules
+(head, normalization layers, first conv; see :mod:`cl_plugins.kfpf.selection`) for ``M``
+iterations on batches from a reservoir buffer. FPF is one such phase at the very end, on top of
+any method (e.g. after experience replay).
+
+Interaction with :class:`callbacks.replay.ExperienceReplay`: ER extends the batch in place in
+``on_train_batch_start``. k-FPF keeps the batch it sees in its own ``on_train_batch_start`` and
+inserts only those samples, so it must come *before* ER in ``callbacks=[...]``; ``setup`` raises
+an error otherwise. The logits for k-FPF-KD are the first rows of the training forward's output,
+which are the current samples when ER appends its samples after them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from callbacks.base import ContinualCallback
+from callbacks.replay import ExperienceReplay
+from cl_plugins.buffers import ReservoirBuffer
+from cl_plugins.kfpf.phase import (
+    ComputeLedger,
+    PhaseResult,
+    forward_flops_per_sample,
+    optimizer_steps_per_epoch,
+    phase_schedule,
+    run_fpf_phase,
+    stream_optimizer_steps,
+)
+from cl_plugins.kfpf.selection import ModuleSelection, select_modules
+from cl_plugins.kfpf.sensitivity import SensitivityTracker, parameter_groups
+
+#: FPF learning rate when none is given and the main optimizer's cannot be read (our choice)
+DEFAULT_FPF_LR = 0.05
+
+
+class KFPF(ContinualCallback):
+    """k-FPF: plain training plus ``k`` fine-tuning phases of the forgetting-prone modules.
+
+    Args:
+        k: number of phases over the whole stream; phase ``j`` runs after ``j * floor(N/k)``
+            optimizer steps, ``N`` counted from the datamodule (experience sizes, batch size, world
+            size, epochs per experience, ``accumulate_grad_batches``, ``limit_train_batches``).
+        iterations: ``M``, SGD iterations per phase.
+        buffer_size: reservoir capacity (per rank under DDP).
+        batch_size: buffer batch size of a phase iteration.
+        variant: ``"ce"`` (k-FPF-CE: cross-entropy on buffer batches) or ``"kd"`` (k-FPF-KD: plus
+            ``alpha * MSE`` to the logits stored at insertion, as in DER).
+        alpha: weight of the logit-matching term for ``"kd"``.
+        lr: the phases' SGD learning rate; default: the main optimizer's current learning rate
+            (first parameter group), else ``DEFAULT_FPF_LR``.
+        momentum, weight_decay: of the phases' SGD (a fresh optimizer every phase).
+        lr_schedule: ``"cosine"`` decays the phase's learning rate from ``lr`` to 0 over its
+            ``M`` iterations (the phase ends in a low-noise iterate); ``"constant"`` keeps it.
+        at_end: move the last phase to the very last optimizer step, so the final model is
+            fine-tuned (else up to ``k - 1`` trailing steps follow it).
+        head, norms, first_conv, patterns, head_name: module selection
+            (:func:`cl_plugins.kfpf.selection.select_modules`).
+        freeze_norm_stats: keep running statistics fixed during phases (default: re-estimate them
+            on buffer batches, with the selected normalization layers in train mode).
+        sensitivity: score ``||dtheta||_1/|theta|`` per module at every epoch end for ``"all"``
+            modules, only the ``"selected"`` ones, or ``"off"``; logged as
+            ``kfpf/sensitivity/<module>`` and kept in :attr:`sensitivity.history`.
+        transform: applied to buffer inputs (on device) in phases, e.g. training augmentation.
+        total_steps: override ``N`` (the whole stream's optimizer steps).
+        logits_module: qualified name of the submodule whose forward output are the logits stored
+            for ``"kd"`` (default: the LightningModule's own forward).
+        seed: seeds the buffer (plus the global rank).
+
+    Defaults: the paper's k, M, learning rate and alpha could not be verified; ``k=5``, ``M=50``,
+    batch 32, momentum 0, ``alpha=0.5`` are this library's choices, tuned on Split-MNIST
+    (``examples/bench_kfpf.py``). Under DDP every rank keeps its own buffer over its shard;
+    gradients of the fine-tuned parameters are averaged across ranks at every phase step and the
+    re-estimated running statistics at the end of a phase. A checkpoint holds rank zero's state.
+    """
+
+    def __init__(
+        self,
+        k: int = 5,
+        iterations: int = 50,
+        buffer_size: int = 500,
+        batch_size: int = 32,
+        variant: Literal["ce", "kd"] = "ce",
+        alpha: float = 0.5,
+        lr: float | None = None,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        lr_schedule: Literal["constant", "cosine"] = "cosine",
+        at_end: bool = True,
+        head: bool = True,
+        norms: bool = True,
+        first_conv: bool = True,
+        patterns: Sequence[str] = (),
+        head_name: str | None = None,
+        freeze_norm_stats: bool = False,
+        sensitivity: Literal["all", "selected", "off"] = "all",
+        transform: Callable[[Tensor], Tensor] | None = None,
+        total_steps: int | None = None,
+        logits_module: str | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if k < 1:
+            raise ValueError(f"k must be >= 1 (number of FPF phases), got {k}")
+        if iterations < 1:
+            raise ValueError(f"iterations (M) must be >= 1, got {iterations}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if variant not in ("ce", "kd"):
+            raise ValueError(f"variant must be 'ce' (k-FPF-CE) or 'kd' (k-FPF-KD), got {variant!r}")
+        if sensitivity not in ("all", "selected", "off"):
+            raise ValueError(f"sensitivity must be 'all', 'selected' or 'off', got {sensitivity!r}")
+        if lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {lr_schedule!r}")
+        if lr is not None and lr <= 0:
+            raise ValueError(f"lr must be > 0, got {lr}")
+        if total_steps is not None and total_steps < k:
+            raise ValueError(f"total_steps={total_steps} leaves no room for k={k} phases")
+        self.k, self.iterations, self.batch_size = k, iterations, batch_size
+        self.buffer_size, self.variant, self.alpha = buffer_size, variant, float(alpha)
+        self.lr, self.momentum, self.weight_decay = lr, momentum, weight_decay
+        self.lr_schedule = lr_schedule
+        self.at_end = at_end
+        self.selection_kwargs = dict(head=head, norms=norms, first_conv=first_conv, patterns=tuple(patterns),
+                                     head_name=head_name)
+        self.freeze_norm_stats = freeze_norm_stats
+        self.sensitivity_scope = sensitivity
+        self.transform = transform
+        self.total_steps_override = total_steps
+        self.logits_module = logits_module
+        self.seed = seed
+
+        self.buffer = ReservoirBuffer(buffer_size, seed=seed, store_logits=variant == "kd")
+        self._rank_seeded = False
+        self.sensitivity = SensitivityTracker({})
+        self.ledger = ComputeLedger()
+        self.selection: ModuleSelection | None = None
+        #: optimizer steps counted over the whole stream (across fits and resumes)
+        self.steps = 0
+        self.phases_done = 0
+        self.schedule: list[int] = []
+        self.total_steps: int | None = None
+        #: one entry per phase: step, iterations, losses, learning rate
+        self.phase_log: list[dict[str, Any]] = []
+
+        self._last_global_step = 0
+        self._current: tuple[Tensor, Tensor, Tensor] | None = None
+        self._captured: Tensor | None = None
+        self._capturing = False
+        self._hook: RemovableHandle | None = None
+        self._scored_epoch = -1
+        self._warned_plan = False
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(k=self.k, variant=self.variant, at_end=self.at_end)
+
+    # ------------------------------------------------------------------ setup
+    def _check_callback_order(self, trainer: pl.Trainer) -> None:
+        for cb in trainer.callbacks:
+            if cb is self:
+                return
+            if isinstance(cb, ExperienceReplay) or getattr(cb, "extends_batch", False):
+                raise ValueError(
+                    f"{type(self).__name__} must come before {type(cb).__name__} in Trainer(callbacks=[...]): "
+                    f"{type(cb).__name__} appends buffer samples to the batch in on_train_batch_start, and "
+                    f"{type(self).__name__} must see the original batch there to insert only current samples. "
+                    f"Use callbacks=[{type(self).__name__}(...), {type(cb).__name__}(...), ...]"
+                )
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        self.stream(trainer)
+        self._check_callback_order(trainer)
+        if not self._rank_seeded and self.buffer.num_seen == 0:
+            self.buffer = ReservoirBuffer(self.buffer_size, seed=self.seed + trainer.global_rank,
+                                          store_logits=self.variant == "kd")
+            self._rank_seeded = True
+        self.selection = select_modules(pl_module, **self.selection_kwargs)
+        if self.sensitivity_scope == "all":
+            self.sensitivity.groups = parameter_groups(pl_module)
+        elif self.sensitivity_scope == "selected":
+            self.sensitivity.groups = parameter_groups(pl_module, self.selection.params.values())
+        if self.variant == "kd":
+            self._register_logits_hook(pl_module)
+        rank_zero_info(f"k-FPF fine-tunes {self.selection.describe()}")
+
+    def _register_logits_hook(self, pl_module: pl.LightningModule) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+        target: nn.Module = pl_module
+        if self.logits_module is not None:
+            modules = dict(pl_module.named_modules())
+            if self.logits_module not in modules:
+                raise ValueError(
+                    f"logits_module={self.logits_module!r} is not a submodule of {type(pl_module).__name__}; "
+                    f"top-level modules: {[n for n, _ in pl_module.named_children()]}"
+                )
+            target = modules[self.logits_module]
+        self._hook = target.register_forward_hook(self._capture_logits)
+
+    def _capture_logits(self, module: nn.Module, args: Any, output: Any) -> None:
+        """Keeps the first output of the training forward (DER stores the logits of the training
+        pass at insertion time: no extra forward)."""
+        if self._capturing and self._captured is None and isinstance(output, Tensor):
+            self._captured = output.detach()
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+
+    # ------------------------------------------------------------------ the plan
+    def _limit(self, trainer: pl.Trainer) -> int | float:
+        limit = trainer.limit_train_batches
+        return 1.0 if limit is None else limit
+
+    def _epoch_sample_counts(self, trainer: pl.Trainer) -> list[int]:
+        dm = self.stream(trainer)
+        sizes = [dm.experience_info(i).num_train_samples for i in range(dm.num_experiences)]
+        if dm.joint and dm.pinned_experience is None:
+            sizes = [sum(sizes)]
+        return [n for n in sizes for _ in range(dm.epochs_per_experience)]
+
+    def plan_total(self, trainer: pl.Trainer) -> int:
+        """``N``: the whole stream's optimizer steps (``total_steps`` when given)."""
+        if self.total_steps_override is not None:
+            return self.total_steps_override
+        dm = self.stream(trainer)
+        total = stream_optimizer_steps(self._epoch_sample_counts(trainer), dm.batch_size, trainer.world_size,
+                                       trainer.accumulate_grad_batches, self._limit(trainer))
+        if dm.pinned_experience is None and trainer.max_steps is not None and trainer.max_steps > 0:
+            total = min(total, trainer.max_steps)
+        return total
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._last_global_step = trainer.global_step
+        self._scored_epoch = -1
+        total = self.plan_total(trainer)
+        schedule = phase_schedule(total, self.k, self.at_end)
+        if self.schedule and schedule != self.schedule:
+            rank_zero_warn(f"k-FPF phase schedule changed on resume from {self.schedule} to {schedule}")
+        self.total_steps, self.schedule = total, schedule
+        if self.sensitivity_scope != "off" and not self.sensitivity.snapshot:
+            self.sensitivity.take_snapshot()
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_epoch_start(trainer, pl_module)
+        dm = self.stream(trainer)
+        if self.total_steps_override is not None or self._warned_plan:
+            return
+        n = dm.experience_info(dm.experience_at_epoch(trainer.current_epoch)).num_train_samples
+        if dm.joint and dm.pinned_experience is None:
+            n = len(dm.train_dataset(0))
+        expected = optimizer_steps_per_epoch(n, dm.batch_size, trainer.world_size, 1, self._limit(trainer))
+        have = trainer.num_training_batches
+        if have != float("inf") and int(have) != expected:
+            self._warned_plan = True
+            rank_zero_warn(
+                f"k-FPF planned {expected} batches for epoch {trainer.current_epoch} but the loader has {have}: "
+                "phases will not be evenly spaced; pass total_steps= (the stream's optimizer steps) to KFPF"
+            )
+
+    # ------------------------------------------------------------------ batches
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if not isinstance(batch, (list, tuple)) or len(batch) != 3:
+            raise TypeError(
+                f"{type(self).__name__} needs stream batches (x, y, task_label); got "
+                f"{type(batch).__name__} of length {len(batch) if hasattr(batch, '__len__') else '?'}"
+            )
+        x, y, t = batch
+        if self.ledger.flops_per_sample == 0.0:
+            self.ledger.flops_per_sample = forward_flops_per_sample(pl_module, x)
+        self._current = (x, y, t)
+        self._captured = None
+        self._capturing = self.variant == "kd"
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        self._capturing = False
+        if self._current is None:
+            raise RuntimeError(f"{type(self).__name__}.on_train_batch_end ran without on_train_batch_start")
+        x, y, t = self._current
+        self._current = None
+        self._insert(x, y, t)
+        self.ledger.train_samples += int(y.shape[0])
+
+        if trainer.global_step > self._last_global_step:
+            self.steps += trainer.global_step - self._last_global_step
+        self._last_global_step = trainer.global_step
+        while self.phases_done < len(self.schedule) and self.steps >= self.schedule[self.phases_done]:
+            result = self.run_phase(trainer, pl_module)
+            pl_module.log("kfpf/phase_loss", result.mean_loss, on_step=True, on_epoch=False, batch_size=1)
+
+        if batch_idx + 1 == trainer.num_training_batches:
+            self._epoch_end_logs(trainer, pl_module)
+
+    def _insert(self, x: Tensor, y: Tensor, t: Tensor) -> None:
+        logits = None
+        if self.variant == "kd":
+            out = self._captured
+            self._captured = None
+            where = self.logits_module or "the LightningModule's forward"
+            if out is None:
+                raise RuntimeError(
+                    f"k-FPF-KD found no logits from {where} in this training step: the training_step must call "
+                    "it (self(x)) and it must return a logits tensor; or set logits_module= to the submodule "
+                    "that returns the logits"
+                )
+            if out.dim() != 2 or out.shape[0] < y.shape[0]:
+                raise RuntimeError(
+                    f"k-FPF-KD expected logits of shape (>= {y.shape[0]}, classes) from {where}, got "
+                    f"{tuple(out.shape)}: set logits_module= to the submodule that returns the logits"
+                )
+            logits = out[: y.shape[0]]
+        self.buffer.add(x, y, t, logits=logits)
+
+    def _epoch_end_logs(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        epoch = trainer.current_epoch
+        if self._scored_epoch == epoch:
+            return
+        self._scored_epoch = epoch
+        if self.sensitivity_scope != "off":
+            experience = self.stream(trainer).experience_at_epoch(epoch)
+            for group, score in self.sensitivity.update(epoch, experience).items():
+                pl_module.log(f"kfpf/sensitivity/{group}", score, on_step=False, on_epoch=True, batch_size=1)
+        report = self.ledger.report()
+        for key in ("fpf_iterations", "fpf_share", "fpf_vs_replay"):
+            pl_module.log(f"kfpf/{key}", report[key], on_step=False, on_epoch=True, batch_size=1)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # loaders without a length: the last batch was not recognised, score here instead
+        if self._scored_epoch != trainer.current_epoch:
+            self._epoch_end_logs(trainer, pl_module)
+        super().on_train_epoch_end(trainer, pl_module)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.phases_done < len(self.schedule) and self._stream_finished(trainer):
+            rank_zero_warn(
+                f"k-FPF ran {self.phases_done} of {len(self.schedule)} phases: training ended after {self.steps} "
+                f"optimizer steps, the plan counted {self.schedule[-1]}. Running the rest now, after the last "
+                "validation; pass total_steps= to KFPF to fix the plan"
+            )
+            while self.phases_done < len(self.schedule):
+                self.run_phase(trainer, pl_module)
+
+    def _stream_finished(self, trainer: pl.Trainer) -> bool:
+        dm = self.stream(trainer)
+        done = trainer.max_epochs is not None and trainer.current_epoch >= trainer.max_epochs
+        if dm.pinned_experience is not None:
+            return done and dm.pinned_experience == dm.num_experiences - 1
+        return done
+
+    # ------------------------------------------------------------------ one phase
+    def _main_lr(self, trainer: pl.Trainer) -> float:
+        if self.lr is not None:
+            return self.lr
+        optimizers = getattr(trainer, "optimizers", None) or []
+        if optimizers and optimizers[0].param_groups:
+            return float(optimizers[0].param_groups[0]["lr"])
+        return DEFAULT_FPF_LR
+
+    def run_phase(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> PhaseResult:
+        """One FPF phase on the buffer: ``iterations`` steps of a fresh SGD over the selected modules
+        only, under the trainer's precision; the main optimizer and scheduler are not touched."""
+        if self.selection is None:
+            raise RuntimeError(f"{type(self).__name__} has no module selection: it was not set up by a Trainer")
+        if len(self.buffer) == 0:
+            raise RuntimeError("k-FPF phase with an empty buffer: no training batch was inserted before it")
+        device = pl_module.device
+        lr = self._main_lr(trainer)
+
+        def sample() -> dict[str, Tensor]:
+            b = self.buffer.sample(self.batch_size, device=device)
+            if self.transform is not None:
+                b["x"] = self.transform(b["x"])
+            return b
+
+        masked = getattr(pl_module, "masked_logits", None)
+        mask = (lambda lg, t: masked(lg, t, evaluation=False)) if callable(masked) else None
+        reduce = (lambda v: trainer.strategy.reduce(v, reduce_op="mean")) if trainer.world_size > 1 else None
+        scaler = None
+        main_scaler = getattr(trainer.precision_plugin, "scaler", None)
+        if main_scaler is not None and main_scaler.is_enabled():
+            scaler = torch.amp.GradScaler(device.type)
+        with torch.enable_grad():
+            result = run_fpf_phase(
+                pl_module, self.selection, sample, pl_module, self.iterations, lr,
+                momentum=self.momentum, weight_decay=self.weight_decay,
+                alpha=self.alpha if self.variant == "kd" else 0.0, mask=mask,
+                freeze_norm_stats=self.freeze_norm_stats, autocast=trainer.precision_plugin.forward_context,
+                reduce=reduce, scaler=scaler, lr_schedule=self.lr_schedule,
+            )
+        self.phases_done += 1
+        self.ledger.fpf_phases += 1
+        self.ledger.fpf_iterations += result.iterations
+        self.ledger.fpf_samples += result.samples
+        self.phase_log.append({"step": self.steps, "iterations": result.iterations, "lr": lr,
+                               "first_loss": result.first_loss, "last_loss": result.last_loss})
+        return result
+
+    def compute_report(self) -> dict[str, float]:
+        """FPF's compute versus training and versus every-step replay (see ``ComputeLedger``)."""
+        return self.ledger.report()
+
+    # ------------------------------------------------------------------ checkpoint state
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "buffer": self.buffer.state_dict(),
+            "rank_seeded": self._rank_seeded,
+            "steps": self.steps,
+            "phases_done": self.phases_done,
+            "schedule": list(self.schedule),
+            "phase_log": [dict(e) for e in self.phase_log],
+            "ledger": self.ledger.state_dict(),
+            "sensitivity": self.sensitivity.state_dict(),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.buffer.load_state_dict(state_dict["buffer"])
+        self._rank_seeded = bool(state_dict.get("rank_seeded", True))
+        self.steps = int(state_dict["steps"])
+        self.phases_done = int(state_dict["phases_done"])
+        self.schedule = list(state_dict["schedule"])
+        self.phase_log = [dict(e) for e in state_dict["phase_log"]]
+        self.ledger.load_state_dict(state_dict["ledger"])
+        self.sensitivity.load_state_dict(state_dict["sensitivity"])
+
+
+class FPF(KFPF):
+    """FPF: one fine-tuning phase of the forgetting-prone modules at the very end of the stream, on
+    top of any method (put it before ``ExperienceReplay`` in the callback list for FPF after ER).
+
+    Same arguments as :class:`KFPF` except ``k`` and ``at_end`` (fixed to 1 and True). The default
+    ``iterations=200`` is this library's choice (the paper's could not be verified).
+    """
+
+    def __init__(self, iterations: int = 200, **kwargs: Any) -> None:
+        for fixed in ("k", "at_end"):
+            if fixed in kwargs:
+                raise TypeError(f"FPF fixes {fixed}; use KFPF(k=..., at_end=...) for periodic phases")
+        super().__init__(k=1, iterations=iterations, at_end=True, **kwargs)
