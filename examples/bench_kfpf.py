@@ -1,6 +1,6 @@
 """k-FPF and FPF against naive training and experience replay on Split-MNIST.
 
-Split-MNIST (5 x 2 classes, class-IL), the small CNN of ``configs/default.yaml``, 1 epoch per
+Split-MNIST (5 x 2 classes, class-IL), the small CNN (width 16) of ``configs/default.yaml``, 1 epoch per
 experience, batch 32, SGD lr 0.05 (as ``bench_baselines.py``); every buffer holds 500 samples.
 Methods: naive, replay (ER), FPF after replay, k-FPF-CE and k-FPF-KD. The table gives final
 average accuracy, average forgetting, wall time of ``fit`` and its ratio to naive, FPF
@@ -30,6 +30,7 @@ from callbacks.replay import ExperienceReplay  # noqa: E402
 from cl_plugins import ContinualClassifier  # noqa: E402
 from cl_plugins.kfpf import forward_flops_per_sample  # noqa: E402
 from datamodules import SplitMNIST  # noqa: E402
+from datamodules.mnist import load_mnist_tensors  # noqa: E402
 from examples.benchutils import markdown_table, mean_std, run_stream, write_markdown  # noqa: E402
 
 BUFFER = 500
@@ -51,12 +52,12 @@ class SampleCounter(pl.Callback):
 
 def methods(args: argparse.Namespace) -> dict[str, Callable[[], list[pl.Callback]]]:
     """Callback factories of every method (k-FPF before ER, see ``callbacks/kfpf.py``)."""
-    kfpf = dict(k=args.k, iterations=args.iterations, buffer_size=BUFFER, lr=args.lr, momentum=args.momentum)
+    kfpf = dict(k=args.k, iterations=args.iterations, buffer_size=BUFFER, lr=args.lr or None, momentum=args.momentum)
     return {
         "naive": lambda: [],
         "replay": lambda: [ExperienceReplay(buffer_size=BUFFER)],
         "FPF after replay": lambda: [
-            FPF(iterations=args.fpf_iterations, buffer_size=BUFFER, lr=args.lr, momentum=args.momentum),
+            FPF(iterations=args.fpf_iterations, buffer_size=BUFFER, lr=args.lr or None, momentum=args.momentum),
             ExperienceReplay(buffer_size=BUFFER),
         ],
         "k-FPF-CE": lambda: [KFPF(variant="ce", **kfpf)],
@@ -68,11 +69,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--epochs", type=int, default=1, help="epochs per experience")
-    parser.add_argument("--k", type=int, default=5, help="k-FPF phases over the stream")
-    parser.add_argument("--iterations", type=int, default=50, help="M: iterations per k-FPF phase")
+    parser.add_argument("--k", type=int, default=2, help="k-FPF phases over the stream")
+    parser.add_argument("--iterations", type=int, default=175, help="M: iterations per k-FPF phase")
     parser.add_argument("--fpf-iterations", type=int, default=200, help="iterations of the single FPF phase")
-    parser.add_argument("--lr", type=float, default=None, help="FPF learning rate (default: the main lr)")
-    parser.add_argument("--momentum", type=float, default=0.0, help="FPF SGD momentum")
+    parser.add_argument("--lr", type=float, default=0.1, help="FPF learning rate (0: the main lr)")
+    parser.add_argument("--momentum", type=float, default=0.9, help="FPF SGD momentum")
     parser.add_argument("--alpha", type=float, default=0.5, help="k-FPF-KD logit-matching weight")
     parser.add_argument("--methods", nargs="+", default=None, help="subset of the methods to run")
     parser.add_argument("--markdown", type=str, default=None, help="write the table to this file")
@@ -86,12 +87,14 @@ def main() -> None:
     torch.set_num_threads(max(1, torch.get_num_threads()))
 
     results: dict[str, list[dict[str, Any]]] = {}
+    load_mnist_tensors(getattr(args, "root", None))  # decode MNIST once, outside the timed fits
     for seed in args.seeds:  # seeds outermost: methods interleave, so machine load drifts hit all alike
         for name in chosen:
             pl.seed_everything(seed, verbose=False)
             dm = SplitMNIST(root=args.root, n_experiences=5, scenario="class", epochs_per_experience=args.epochs,
                             batch_size=32, seed=seed)
-            model = ContinualClassifier("small_cnn", num_classes=10, in_channels=1, lr=0.05)
+            model = ContinualClassifier("small_cnn", num_classes=10, in_channels=1, lr=0.05,
+                                        backbone_kwargs={"width": 16})
             callbacks = factories[name]()
             counter = SampleCounter()
             res = run_stream(model, dm, [*callbacks, counter])

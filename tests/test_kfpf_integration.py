@@ -284,3 +284,17 @@ def test_ddp_replicas_stay_identical(tmp_path):
     assert res["buffers_differ"], "each rank keeps its own buffer over its shard"
     assert res["num_seen"] == 2 * sum(math.ceil(n / 2) for n in (273, 260, 273, 276, 266))
     assert res["acc"] > 0.35, res  # naive ends near 0.2 on this stream
+
+
+class _NoGradProbe(pl.Callback):
+    """Another callback's forward without gradients in on_train_batch_start (e.g. FLOP counting)."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        with torch.no_grad():
+            pl_module(batch[0][:1])
+
+
+def test_kd_stores_the_training_forwards_logits_not_another_callbacks_probe():
+    cb = KFPF(k=2, iterations=5, buffer_size=64, variant="kd")
+    _fit([cb, _NoGradProbe()], epochs=1, limit_val_batches=1)
+    assert cb.buffer.data["logits"].shape == (64, 10) and cb.phases_done == 2
