@@ -1,6 +1,7 @@
 """Lightning callbacks: thin adapters over the method cores in ``cl_plugins``."""
 
 from callbacks.base import ContinualCallback, get_stream
+from callbacks.drtune import DRTune
 from callbacks.injection import InjectionCallback
 from callbacks.joint import JointTraining
 from callbacks.kfpf import FPF, KFPF
@@ -12,6 +13,7 @@ from callbacks.pego import PEGO
 from callbacks.replay import ExperienceReplay
 
 __all__ = [
+    "DRTune",
     "FPF",
     "KFPF",
     "L2M",

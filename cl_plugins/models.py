@@ -2,8 +2,9 @@
 
 ``backbone`` is a string: ``"small_cnn"`` or ``"mlp"`` (tests, small streams), ``"timm:<name>"``
 (any timm model, ``pretrained=False`` by default here), ``"hf:<path>"`` (a local Hugging Face
-sequence classifier) or ``"hf-config"`` with ``hf_config`` (a model built from a config dict,
-for tests).
+sequence classifier), ``"hf-config"`` with ``hf_config`` (a model built from a config dict,
+for tests), ``"cifar_resnet20"`` / ``"cifar_resnet56"`` (optionally with the pretrained CIFAR-10
+weights file) or ``"efficientnet_lite0"`` (ImageNet-pretrained, from the local weights package).
 """
 
 from __future__ import annotations
@@ -130,6 +131,16 @@ def build_backbone(
         return SmallCNN(in_channels=in_channels, num_classes=num_classes, **kwargs)
     if backbone == "mlp":
         return MLP(math.prod(input_shape), num_classes=num_classes, **kwargs)
+    if backbone in ("cifar_resnet20", "cifar_resnet56"):
+        # CIFAR ResNet-20/56 (option-A shortcuts); backbone_kwargs: weights=<path to the akamaster file>
+        from cl_plugins.cifar_resnet import cifar_resnet
+
+        return cifar_resnet(int(backbone.removeprefix("cifar_resnet")), num_classes=num_classes, **kwargs)
+    if backbone == "efficientnet_lite0":
+        # ImageNet-pretrained EfficientNet-Lite0 (offline); backbone_kwargs: weights, load_weights, dropout
+        from cl_plugins.efficientnet_lite import EfficientNetLite
+
+        return EfficientNetLite(num_classes, **kwargs)
     if backbone.startswith("timm:"):
         return _timm_model(backbone[5:], num_classes, in_channels, pretrained, **kwargs)
     if backbone == "hf-config":
@@ -139,8 +150,8 @@ def build_backbone(
     if backbone.startswith("hf:"):
         return _hf_model(backbone[3:], num_classes, None)
     raise ValueError(
-        f"unknown backbone '{backbone}': use 'small_cnn', 'mlp', 'timm:<model name>', "
-        "'hf:<local model folder>' or 'hf-config' (with hf_config)"
+        f"unknown backbone '{backbone}': use 'small_cnn', 'mlp', 'cifar_resnet20', 'cifar_resnet56', "
+        "'efficientnet_lite0', 'timm:<model name>', 'hf:<local model folder>' or 'hf-config' (with hf_config)"
     )
 
 
