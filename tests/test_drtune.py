@@ -12,13 +12,13 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from callbacks.base import ContinualCallback
 from callbacks.drtune import DRTune, _task_label_mask
 from cl_plugins import ContinualClassifier
 from cl_plugins.drtune import dr_loss, mean_norm
 from datamodules import SplitDigits
 from tests._subprocess import run_script
 from tests.conftest import quiet_trainer_kwargs
+from tests.helpers import StopAfter
 
 
 def _model() -> ContinualClassifier:
@@ -143,16 +143,6 @@ def test_one_fit_per_experience_keeps_the_first_pretrained_copy():
     assert set(dr.regularizer.bank.labels[dr.regularizer.bank.valid].tolist()) == {0, 1, 2, 3}
 
 
-class StopAfter(ContinualCallback):
-    def __init__(self, experience: int) -> None:
-        super().__init__()
-        self.experience = experience
-
-    def on_experience_end(self, trainer, pl_module, experience):
-        if experience == self.experience:
-            trainer.should_stop = True
-
-
 def _resume_run(tmp: Path, stop_after: int | None = None, ckpt_path: str | None = None):
     pl.seed_everything(0, verbose=False)
     dm = SplitDigits(n_experiences=5, epochs_per_experience=1, batch_size=32)
@@ -243,3 +233,26 @@ def test_ddp_ranks_hold_identical_banks(tmp_path):
     assert res["step"] == res["global_step"] == 15
     assert all(c > 0 for c in res["counts"]) and res["stamps"] == [0, 1, 2, 3, 4]
     assert res["dr_loss"] > 0
+
+
+@pytest.mark.parametrize("arch", ["timm_vit", "hf_bert"])
+def test_timm_vit_and_hf_bert_heads_are_found_and_regularized(arch):
+    """No head_name: the head (timm's get_classifier, BERT's classifier) is found and the DR term runs."""
+    from tests.test_loramoe import BERT_CFG, VIT_KW, _token_stream
+
+    pl.seed_everything(0, verbose=False)
+    if arch == "timm_vit":
+        model = ContinualClassifier("timm:vit_tiny_patch16_224", num_classes=10, in_channels=1, input_shape=(1, 8, 8),
+                                    backbone_kwargs=VIT_KW, optimizer="adam", lr=3e-3)
+        dm, head, classes = SplitDigits(n_experiences=5, epochs_per_experience=1, batch_size=32), "net.head", 10
+    else:
+        model = ContinualClassifier("hf-config", num_classes=4, hf_config=BERT_CFG, optimizer="adam", lr=3e-3)
+        dm, head, classes = _token_stream(), "net.model.classifier", 4
+    dr = DRTune(bank_size=8 * classes, rotation_interval=2)
+    trainer = pl.Trainer(**quiet_trainer_kwargs(callbacks=[dr], limit_train_batches=3, limit_val_batches=1))
+    trainer.fit(model, datamodule=dm)
+    assert dr.tap is not None and dr.tap.head is model.get_submodule(head)
+    seen = dr.regularizer.bank.class_counts()
+    assert int((seen > 0).sum()) == classes  # every class of the stream entered the bank
+    assert float(trainer.callback_metrics["drtune/dr_ce"]) > 0
+    assert bool(dr.regularizer.has_rotation)

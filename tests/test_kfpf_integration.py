@@ -12,12 +12,13 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from callbacks import ContinualCallback, ExperienceReplay
+from callbacks import ExperienceReplay
 from callbacks.kfpf import FPF, KFPF
 from cl_plugins import ContinualClassifier
 from datamodules import SplitDigits
 from tests._subprocess import run_script
 from tests.conftest import quiet_trainer_kwargs
+from tests.helpers import StopAfter
 
 # Split-Digits: 1,348 training samples in 5 experiences of 2 classes (273, 260, 273, 276, 266);
 # batch 32 gives 9 batches per epoch for every experience.
@@ -174,16 +175,6 @@ def test_per_experience_fits_follow_the_whole_stream_schedule():
     assert len(cb.sensitivity.history) == 5 and set(cb.sensitivity.history[0]["scores"]) == {
         "net.head", "net.bn1", "net.bn1.running_stats", "net.bn2", "net.bn2.running_stats", "net.conv1"}
     assert [h["experience"] for h in cb.sensitivity.history] == list(range(5))
-
-
-class StopAfter(ContinualCallback):
-    def __init__(self, experience: int) -> None:
-        super().__init__()
-        self.experience = experience
-
-    def on_experience_end(self, trainer, pl_module, experience):
-        if experience == self.experience:
-            trainer.should_stop = True
 
 
 def _resume_run(tmp: Path, stop_after=None, ckpt_path=None):
