@@ -73,7 +73,9 @@ class LoRAMoE(InjectionCallback):
         num_experts: experts per layer (paper: 6).
         rank: LoRA rank of each expert (paper: 4).
         alpha: LoRA alpha; experts are scaled by ``alpha / rank`` (code: 32).
-        dropout: dropout on each expert's input (code: 0.05).
+        dropout: dropout on the experts' input (code: 0.05).
+        per_expert_dropout: an independent dropout mask per expert, as the code (slower: ``N``
+            masked copies of each input); default: one mask shared by the experts.
         num_knowledge_experts: experts in group 0 (world knowledge / retained data); the others form
             group 1 (new tasks). Give this or ``knowledge_ratio``, not both.
         knowledge_ratio: share of the experts in group 0 (default 0.5, as the code's equal halves).
@@ -105,8 +107,10 @@ class LoRAMoE(InjectionCallback):
         log_stats: bool = True,
         train_head: bool = True,
         head_name: str | None = None,
+        per_expert_dropout: bool = False,
     ) -> None:
         super().__init__(train_head=train_head, head_name=head_name)
+        self.per_expert_dropout = per_expert_dropout
         if isinstance(targets, str):
             targets = [targets]
         if num_knowledge_experts is not None and knowledge_ratio is not None:
@@ -162,7 +166,7 @@ class LoRAMoE(InjectionCallback):
     def inject(self, pl_module: pl.LightningModule) -> list[str]:
         exclude = [find_head(pl_module, self.head_name)[0]] if self.train_head else []
         return inject_loramoe(pl_module, self.context, self.targets, self.rank, self.alpha, self.dropout,
-                              exclude=exclude)
+                              exclude=exclude, per_expert_dropout=self.per_expert_dropout)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)

@@ -86,7 +86,7 @@ def test_zero_initialised_experts_start_at_the_pretrained_layer_and_dropout_is_p
     layer = LoRAMoELinear(base, num_experts=3, rank=2, alpha=32.0, dropout=0.5)
     x = torch.randn(4, 6)
     torch.testing.assert_close(layer(x), base(x))
-    experts = LoRAExperts(6, 5, num_experts=3, rank=2, alpha=2.0, dropout=0.5)
+    experts = LoRAExperts(6, 5, num_experts=3, rank=2, alpha=2.0, dropout=0.5, per_expert_dropout=True)
     masks = []
     experts.lora_A.register_hook(lambda g: masks.append(g))
     with torch.no_grad():
@@ -100,6 +100,18 @@ def test_zero_initialised_experts_start_at_the_pretrained_layer_and_dropout_is_p
     x, w = torch.randn(2, 7, 6), torch.softmax(torch.randn(2, 7, 3), dim=-1)
     train_out = experts.train()(x, w)
     torch.testing.assert_close(train_out, experts.eval()(x, w))
+
+
+def test_default_dropout_shares_one_mask_across_experts():
+    experts = LoRAExperts(6, 5, num_experts=3, rank=2, alpha=2.0, dropout=0.5)
+    masks = []
+    experts.lora_A.register_hook(lambda g: masks.append(g))
+    with torch.no_grad():
+        experts.lora_B.fill_(1.0)
+    torch.manual_seed(1)
+    experts(torch.ones(1, 6), torch.ones(1, 3)).sum().backward()
+    zero_cols = masks[0].abs().sum(dim=1) == 0  # (experts, d_in)
+    assert zero_cols[0].any() and all(torch.equal(zero_cols[0], zero_cols[i]) for i in range(1, 3))
 
 
 def test_balancing_loss_matches_a_hand_computed_value():
