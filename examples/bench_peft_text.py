@@ -1,0 +1,367 @@
+"""Parameter-efficient continual learning on the text stream: full fine-tuning, LoRA, PEGO, LoRAMoE, L2M.
+
+Stream: AG News -> Yelp -> Amazon -> DBpedia (``datamodules.TextCLStream``, 4 + 5 + 5 + 14 = 28
+classes), pretrained all-MiniLM-L6-v2 (``ContinualClassifier("hf:<local folder>")``, nothing is
+downloaded), max_length 64, class-balanced subsets of 1000 training and 200 test samples per task,
+1 epoch per experience, batch 16, AdamW. Full fine-tuning (no callback) trains every weight; the
+four methods freeze the encoder and train their modules and the classification head, with each
+callback's constructor defaults (the papers').
+
+Scenario: task-incremental by default (``--scenario task``), the usual protocol for this
+benchmark in the PEFT continual-learning papers, and the one that isolates the forgetting of the
+*encoder*: logits are masked to the task's classes in training and evaluation, so accuracy on an
+old task drops only when the representation the old task's head reads has drifted, not because
+the shared head is biased toward the newest classes (which in class-IL dominates every method that
+has no replay, adapters included). ``--scenario class`` runs class-IL.
+
+Learning rates: AdamW 5e-5 for full fine-tuning; for the adapter methods, the learning rate times
+the method's update scale ``alpha / r`` is the same, 2e-3 (Adam's steps are about ``lr`` per
+factor entry, so the weight update moves at ``lr * alpha / r``): LoRA (alpha 16, r 8) and L2M
+(alpha 2r) 1e-3, PEGO (alpha = r) 2e-3, LoRAMoE (alpha 32, r 4) 2.5e-4. Not tuned on this stream
+(``--lr-full``, ``--lr-adapter`` (the scale-2 value), ``--lr METHOD=LR`` override them).
+
+Columns: final average accuracy, average forgetting and BWT (``callbacks.ContinualMetrics``),
+trainable parameters (after the callbacks' injection), the median training step time
+(``on_train_batch_start`` -> ``on_train_batch_end``: forward, every callback's batch hooks,
+backward and the optimizer step; the first ``--warmup-steps`` steps of every experience are left
+out) and its ratio to full fine-tuning and to LoRA, and the wall time of ``fit``. Issue targets
+(reported as met or not): average forgetting at most half of full fine-tuning's; step time at most
+1.3x LoRA's.
+
+Knowledge probe (``examples/knowledge_probe.py``): 30 hand-written sentence pairs; the similarity
+is the cosine of the masked mean of the encoder's last hidden states, computed by running the
+*trained* module (so merged LoRA / PEGO weights, LoRAMoE's routed experts and L2M's selected pool
+entries all apply; L2M selects each probe sentence's entry from its own frozen-embedding query with
+plain cosine, as at test time). Reported: Spearman correlation of the 30 scores with those of the
+pretrained MiniLM, their mean absolute change, and the Spearman correlation with the hand grades.
+
+Regenerate the table (about 20 minutes on 2 CPU cores):
+
+    OMP_NUM_THREADS=2 python examples/bench_peft_text.py --markdown runs/peft_text.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import lightning.pytorch as pl  # noqa: E402
+import torch  # noqa: E402
+
+# the repository root (callbacks, cl_plugins, datamodules) and this folder: the sibling helpers are imported
+# by module name, because avalanche-lib installs a top-level ``examples`` package that shadows the repository's
+# ``examples/`` folder (which has no ``__init__.py``) in ``from examples.benchutils import ...``
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import knowledge_probe as probe  # noqa: E402
+from benchutils import markdown_table, mean_std, run_stream, write_markdown  # noqa: E402
+
+from callbacks import L2M, PEGO, LoRA, LoRAMoE  # noqa: E402
+from cl_plugins import ContinualClassifier  # noqa: E402
+from datamodules import TextCLStream  # noqa: E402
+from datamodules.text import default_tokenizer_path  # noqa: E402
+
+METHODS: dict[str, Callable[[], list[pl.Callback]]] = {
+    "full fine-tuning": lambda: [],
+    "LoRA": lambda: [LoRA()],
+    "PEGO": lambda: [PEGO()],
+    "LoRAMoE": lambda: [LoRAMoE()],
+    "L2M": lambda: [L2M()],
+}
+FULL, BASELINE = "full fine-tuning", "LoRA"
+#: alpha / r of each adapter method's defaults (LoRA 16 / 8, PEGO alpha = r, LoRAMoE 32 / 4, L2M 2r / r)
+ADAPTER_SCALE = {"LoRA": 2.0, "PEGO": 1.0, "LoRAMoE": 8.0, "L2M": 2.0}
+
+
+class _StepClock:
+    """Timestamps of the current step, shared by the two halves of :class:`StepTimer`."""
+
+    def __init__(self) -> None:
+        self.start = self.before_backward = self.after_backward = 0.0
+
+
+class StepTimer(pl.Callback):
+    """Times every training step: ``StepTimer()`` goes first in ``callbacks=[...]`` and its
+    :attr:`end` last, so the time covers every callback's batch hooks, the forward, the backward
+    and the optimizer step. The first ``warmup`` steps of each experience are left out. Also counts
+    the trainable parameters when training starts (after the callbacks' injection)."""
+
+    def __init__(self, warmup: int = 3) -> None:
+        self.warmup = warmup
+        self.clock = _StepClock()
+        self.steps: list[float] = []
+        self.forward: list[float] = []
+        self.backward: list[float] = []
+        self.trainable = 0
+        self._in_epoch = 0
+        self.end = _StepTimerEnd(self)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.trainable = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._in_epoch = 0
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        self.clock.start = time.perf_counter()
+
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
+        self.clock.before_backward = time.perf_counter()
+
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.clock.after_backward = time.perf_counter()
+
+    def record(self) -> None:
+        now = time.perf_counter()
+        self._in_epoch += 1
+        if self._in_epoch > self.warmup:
+            c = self.clock
+            self.steps.append(now - c.start)
+            self.forward.append(c.before_backward - c.start)
+            self.backward.append(c.after_backward - c.before_backward)
+
+
+class _StepTimerEnd(pl.Callback):
+    """The closing half of :class:`StepTimer` (put last)."""
+
+    def __init__(self, timer: StepTimer) -> None:
+        self.timer = timer
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        self.timer.record()
+
+
+def interleaved_step_times(
+    names: list[str], make_model: Callable[[str], ContinualClassifier], make_stream: Callable[[], TextCLStream],
+    rounds: int, warmup: int,
+) -> dict[str, list[float]]:
+    """Step times measured round-robin: in each round every method trains one short experience
+    (a fresh ``fit`` of the same model and callbacks) and its steps after the first ``warmup`` are
+    timed with :class:`StepTimer`. Methods take turns within seconds of each other, so a change of
+    machine load between the (minutes-long) benchmark runs does not bias their ratios."""
+    setups = {name: (make_model(name), METHODS[name]()) for name in names}
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for _ in range(rounds):
+        for name in names:
+            model, callbacks = setups[name]
+            timer = StepTimer(warmup=warmup)
+            trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                                 enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                                 limit_val_batches=0, callbacks=[timer, *callbacks, timer.end])
+            trainer.fit(model, datamodule=make_stream())
+            times[name] += timer.steps
+    return times
+
+
+def parse_lr_overrides(items: list[str]) -> dict[str, float]:
+    """``["LoRA=1e-3", ...]`` -> ``{"LoRA": 1e-3}``."""
+    out = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or name not in METHODS:
+            raise SystemExit(f"--lr takes METHOD=LR with METHOD in {list(METHODS)}, got {item!r}")
+        out[name] = float(value)
+    return out
+
+
+def fmt_params(n: float) -> str:
+    return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}k"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--methods", nargs="+", default=None, help=f"subset of {list(METHODS)}")
+    parser.add_argument("--scenario", choices=("task", "class"), default="task")
+    parser.add_argument("--train-per-task", type=int, default=1000)
+    parser.add_argument("--test-per-task", type=int, default=200)
+    parser.add_argument("--max-length", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--epochs", type=int, default=1, help="epochs per experience")
+    parser.add_argument("--lr-full", type=float, default=5e-5, help="AdamW lr of full fine-tuning")
+    parser.add_argument("--lr-adapter", type=float, default=1e-3,
+                        help="AdamW lr at alpha/r = 2 (other scales: same lr * scale)")
+    parser.add_argument("--lr", nargs="*", default=[], help="per-method overrides, METHOD=LR")
+    parser.add_argument("--subset-seed", type=int, default=0, help="seed of the per-task data subsets")
+    parser.add_argument("--warmup-steps", type=int, default=3, help="steps per experience left out of the timing")
+    parser.add_argument("--timing-rounds", type=int, default=4,
+                        help="rounds of the interleaved step timing (0: skip it)")
+    parser.add_argument("--timing-steps", type=int, default=5, help="timed steps per method and round")
+    parser.add_argument("--no-probe", action="store_true", help="skip the knowledge probe")
+    parser.add_argument("--root", type=str, default=None, help="text benchmark archive or folder")
+    parser.add_argument("--markdown", type=str, default=None, help="write the tables to this file")
+    args = parser.parse_args()
+    chosen = args.methods or list(METHODS)
+    unknown = [m for m in chosen if m not in METHODS]
+    if unknown:
+        parser.error(f"unknown method(s) {unknown}; choose from {list(METHODS)}")
+    overrides = parse_lr_overrides(args.lr)
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    model_path = default_tokenizer_path()  # the all-MiniLM-L6-v2 folder (model and tokenizer)
+    t0 = time.perf_counter()
+
+    def lr_of(name: str) -> float:
+        if name in overrides:
+            return overrides[name]
+        return args.lr_full if name == FULL else args.lr_adapter * 2.0 / ADAPTER_SCALE[name]
+
+    def make_stream(seed: int) -> TextCLStream:
+        return TextCLStream(root=args.root, max_length=args.max_length, max_train_per_task=args.train_per_task,
+                            max_test_per_task=args.test_per_task, scenario=args.scenario,
+                            subset_seed=args.subset_seed, epochs_per_experience=args.epochs,
+                            batch_size=args.batch_size, eval_batch_size=64, seed=seed)
+
+    stream0 = make_stream(args.seeds[0])
+    tok, pad = stream0.tokenizer(), stream0.pad_token_id
+    num_classes = len(stream0.label_names)
+    pairs_a, pairs_b = probe.encode_pairs(tok, args.max_length, pad)
+    reference: list[float] | None = None
+    if not args.no_probe:
+        pretrained = ContinualClassifier(f"hf:{model_path}", num_classes=num_classes)
+        reference = probe.pair_similarities(pretrained, pairs_a, pairs_b, pad)
+        del pretrained
+
+    results: dict[str, list[dict[str, Any]]] = {}
+    for seed in args.seeds:  # seeds outermost: methods interleave, so machine load drifts hit all alike
+        for name in chosen:
+            pl.seed_everything(seed, verbose=False)
+            dm = make_stream(seed)
+            model = ContinualClassifier(f"hf:{model_path}", num_classes=num_classes, optimizer="adamw",
+                                        lr=lr_of(name))
+            timer = StepTimer(warmup=args.warmup_steps)
+            callbacks = METHODS[name]()
+            res = run_stream(model, dm, [timer, *callbacks, timer.end])
+            if not timer.steps:
+                raise SystemExit(f"no step was timed: every experience has at most --warmup-steps={args.warmup_steps} "
+                                 "steps; train on more samples per task or lower --warmup-steps")
+            res.update(trainable=timer.trainable, step_s=statistics.median(timer.steps),
+                       forward_s=statistics.median(timer.forward), backward_s=statistics.median(timer.backward),
+                       steps_timed=len(timer.steps), lr=lr_of(name))
+            if reference is not None:
+                sims: list[list[float]] = []
+
+                def run_probe(model: ContinualClassifier = model, out: list[list[float]] = sims) -> None:
+                    out.append(probe.pair_similarities(model, pairs_a, pairs_b, pad))
+
+                selected = probe.l2m_selected_entries(model, run_probe)
+                res.update(probe.compare(reference, sims[0]))
+                res["probe_entries"] = sorted(set(selected))
+            l2m = next((cb for cb in callbacks if isinstance(cb, L2M)), None)
+            if l2m is not None:
+                res["l2m_keys"] = {e: [i for i, c in enumerate(h) if c] for e, h in l2m.key_histograms.items()}
+            results.setdefault(name, []).append(res)
+            extra = (f"  probe rho {res['spearman_vs_pretrained']:.3f} |dsim| {res['mean_abs_change']:.3f}"
+                     if reference is not None else "")
+            print(f"{name:17s} seed {seed} lr {lr_of(name):g}: acc {res['avg_acc']:.4f}  forgetting "
+                  f"{res['avg_forgetting']:.4f}  bwt {res['bwt']:.4f}  step {1e3 * res['step_s']:.0f} ms "
+                  f"(fwd {1e3 * res['forward_s']:.0f}, bwd {1e3 * res['backward_s']:.0f})  "
+                  f"wall {res['wall_s']:.1f}s{extra}", flush=True)
+            if "l2m_keys" in res:
+                print(f"  L2M keys selected in training per experience: {res['l2m_keys']}; "
+                      f"by the probe sentences: {res.get('probe_entries')}", flush=True)
+
+    interleaved: dict[str, list[float]] = {}
+    if args.timing_rounds > 0:
+        def timing_model(name: str) -> ContinualClassifier:
+            pl.seed_everything(args.seeds[0], verbose=False)
+            return ContinualClassifier(f"hf:{model_path}", num_classes=num_classes, optimizer="adamw", lr=lr_of(name))
+
+        def timing_stream() -> TextCLStream:
+            return TextCLStream(root=args.root, tasks=["agnews"], max_length=args.max_length,
+                                max_train_per_task=args.batch_size * (args.warmup_steps + args.timing_steps),
+                                max_test_per_task=args.batch_size, scenario=args.scenario, batch_size=args.batch_size,
+                                seed=args.seeds[0])
+
+        interleaved = interleaved_step_times(chosen, timing_model, timing_stream, args.timing_rounds,
+                                             args.warmup_steps)
+        print("interleaved step times (ms, median): " + ", ".join(
+            f"{n} {1e3 * statistics.median(v):.0f}" for n, v in interleaved.items()), flush=True)
+
+    def mean_of(name: str, key: str) -> float | None:
+        runs = results.get(name)
+        return statistics.mean(r[key] for r in runs) if runs else None
+
+    def inter(name: str) -> float | None:
+        return statistics.median(interleaved[name]) if interleaved.get(name) else None
+
+    full_step, lora_step = mean_of(FULL, "step_s"), mean_of(BASELINE, "step_s")
+    full_int, lora_int = inter(FULL), inter(BASELINE)
+    full_forg = mean_of(FULL, "avg_forgetting")
+    header = ["method", "lr", "avg acc (%)", "forgetting (%)", "BWT (%)", "trainable params", "step (ms)",
+              "step vs full FT", "step vs LoRA", "interleaved step (ms)", "interleaved vs full FT",
+              "interleaved vs LoRA", "wall (s)"]
+    rows, targets = [], []
+    for name, runs in results.items():
+        step = statistics.mean(r["step_s"] for r in runs)
+        forg = statistics.mean(r["avg_forgetting"] for r in runs)
+        istep = inter(name)
+        rows.append([
+            name, f"{runs[0]['lr']:g}",
+            mean_std([r["avg_acc"] for r in runs], 100),
+            mean_std([r["avg_forgetting"] for r in runs], 100),
+            mean_std([r["bwt"] for r in runs], 100),
+            fmt_params(statistics.mean(r["trainable"] for r in runs)),
+            mean_std([r["step_s"] for r in runs], 1e3, 0),
+            f"{step / full_step:.2f}x" if full_step else "-",
+            f"{step / lora_step:.2f}x" if lora_step else "-",
+            f"{1e3 * istep:.0f}" if istep else "-",
+            f"{istep / full_int:.2f}x" if istep and full_int else "-",
+            f"{istep / lora_int:.2f}x" if istep and lora_int else "-",
+            f"{statistics.mean(r['wall_s'] for r in runs):.0f}",
+        ])
+        if name != FULL and full_forg is not None and lora_step:
+            ok_f = forg <= 0.5 * full_forg
+            ratio = (istep / lora_int) if istep and lora_int else step / lora_step
+            which = "interleaved step" if istep and lora_int else "step"
+            targets.append(f"- {name}: forgetting {100 * forg:.1f}% vs half of full FT's {50 * full_forg:.1f}%: "
+                           f"{'met' if ok_f else 'NOT met'}; {which} {ratio:.2f}x LoRA (<= 1.3x): "
+                           f"{'met' if ratio <= 1.3 else 'NOT met'}")
+    text = markdown_table(header, rows)
+    if reference is not None:
+        probe_header = ["method", "Spearman vs pretrained", "mean |Δ similarity|", "Spearman vs hand grades",
+                        "mean similarity"]
+        probe_rows = [["pretrained MiniLM", "1.000", "0.000",
+                       f"{probe.spearman([p[2] for p in probe.PAIRS], reference):.3f}",
+                       f"{sum(reference) / len(reference):.3f}"]]
+        for name, runs in results.items():
+            probe_rows.append([name, mean_std([r["spearman_vs_pretrained"] for r in runs], 1, 3),
+                               mean_std([r["mean_abs_change"] for r in runs], 1, 3),
+                               mean_std([r["spearman_vs_grades"] for r in runs], 1, 3),
+                               mean_std([r["mean_similarity"] for r in runs], 1, 3)])
+        text += "\n\nKnowledge probe (30 sentence pairs, mean-pooled encoder cosine):\n\n"
+        text += markdown_table(probe_header, probe_rows)
+    if targets:
+        text += "\n\nTargets:\n" + "\n".join(targets)
+    total = time.perf_counter() - t0
+    settings = (f"{args.scenario}-IL, {args.train_per_task} train / {args.test_per_task} test per task, "
+                f"max_length {args.max_length}, batch {args.batch_size}, {args.epochs} epoch(s) per experience, "
+                f"AdamW, subset seed {args.subset_seed}, seeds {args.seeds}, threads {torch.get_num_threads()}; "
+                f"step = median over the steps after the first {args.warmup_steps} of each experience; interleaved: "
+                f"{args.timing_rounds} rounds x {args.timing_steps} steps per method on AG News, round-robin; "
+                f"total wall time {total:.0f} s")
+    print(text)
+    print(settings)
+    if args.markdown:
+        Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
+        write_markdown(args.markdown, f"PEFT methods on AG News -> Yelp -> Amazon -> DBpedia, MiniLM "
+                       f"({args.scenario}-IL, {len(args.seeds)} seed(s))", f"{text}\n\n{settings}")
+
+
+if __name__ == "__main__":
+    main()
