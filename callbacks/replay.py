@@ -24,14 +24,20 @@ class ExperienceReplay(ContinualCallback):
         buffer_size: samples kept in the reservoir (per rank under DDP).
         replay_batch_size: buffer samples added to each batch (default: the batch's own size).
         seed: seeds the buffer's generator (plus the global rank).
+        past_only: replay only samples stored during earlier experiences (no replay during the first
+            one). The reservoir still takes every sample; by default (``False``, classic ER) a
+            replayed batch may hold samples of the current experience too. Avalanche's ``Replay``
+            updates its buffer at experience ends, so it replays past experiences only.
 
     The batch must be a mutable list ``[x, y, task_label]`` (what the default collate gives for
     stream datasets). Buffer samples are drawn before the current batch is inserted, so a batch is
     never replayed against itself.
     """
 
-    def __init__(self, buffer_size: int = 500, replay_batch_size: int | None = None, seed: int = 0) -> None:
+    def __init__(self, buffer_size: int = 500, replay_batch_size: int | None = None, seed: int = 0,
+                 past_only: bool = False) -> None:
         super().__init__()
+        self.past_only = past_only
         if replay_batch_size is not None and replay_batch_size < 1:
             raise ValueError(f"replay_batch_size must be >= 1, got {replay_batch_size}")
         self.buffer_size = buffer_size
@@ -54,12 +60,16 @@ class ExperienceReplay(ContinualCallback):
                 f"(the default collate of a stream dataset); got {type(batch).__name__}"
             )
         x, y, t = batch
-        if len(self.buffer) > 0:
-            mem = self.buffer.sample(self.replay_batch_size or len(y), device=x.device)
+        experience = self.stream(trainer).current_experience if self.past_only else None
+        where = None
+        if self.past_only and len(self.buffer) > 0:
+            where = self.buffer.data["e"][: len(self.buffer)] < experience
+        if len(self.buffer) > 0 and (where is None or bool(where.any())):
+            mem = self.buffer.sample(self.replay_batch_size or len(y), device=x.device, where=where)
             batch[0] = torch.cat([x, mem["x"].to(x.dtype)])
             batch[1] = torch.cat([y, mem["y"]])
             batch[2] = torch.cat([t, mem["t"]])
-        self.buffer.add(x, y, t)
+        self.buffer.add(x, y, t, experience=experience)
 
     def state_dict(self) -> dict[str, Any]:
         return {"buffer": self.buffer.state_dict(), "rank_seeded": self._rank_seeded}

@@ -39,9 +39,16 @@ class ReservoirBuffer:
         for key, value in fields.items():
             self.data[key] = torch.zeros((self.capacity, *value.shape[1:]), dtype=value.dtype)
 
-    def add(self, x: Tensor, y: Tensor, task_labels: Tensor, logits: Tensor | None = None) -> int:
-        """Offers a batch; returns how many of its samples were stored."""
+    def add(self, x: Tensor, y: Tensor, task_labels: Tensor, logits: Tensor | None = None,
+            experience: int | None = None) -> int:
+        """Offers a batch; returns how many of its samples were stored. ``experience`` tags the samples
+        with the experience they came from (field ``"e"``; give it for every batch or for none)."""
         fields = {"x": x.detach().cpu(), "y": y.detach().cpu().long(), "t": task_labels.detach().cpu().long()}
+        if experience is not None:
+            fields["e"] = torch.full_like(fields["y"], int(experience))
+        if self.data and set(fields) - {"logits"} != set(self.data) - {"logits"}:
+            raise ValueError(f"this buffer holds fields {sorted(self.data)}; the batch offers {sorted(fields)}: "
+                             "pass experience= for every batch or for none")
         if self.store_logits:
             if logits is None:
                 raise ValueError("this buffer stores logits: pass logits= to add()")
@@ -63,12 +70,22 @@ class ReservoirBuffer:
             stored += 1
         return stored
 
-    def sample(self, batch_size: int, device: torch.device | str | None = None) -> dict[str, Tensor]:
-        """A uniform batch without replacement (all samples when fewer than ``batch_size``)."""
+    def sample(self, batch_size: int, device: torch.device | str | None = None,
+               where: Tensor | None = None) -> dict[str, Tensor]:
+        """A uniform batch without replacement (all samples when fewer than ``batch_size``), drawn
+        among the filled slots where the boolean mask ``where`` (one entry per filled slot) holds."""
         if len(self) == 0:
             raise RuntimeError("the replay buffer is empty: nothing has been added yet")
-        k = min(batch_size, len(self))
-        idx = torch.randperm(len(self), generator=self.generator)[:k]
+        if where is None:
+            k = min(batch_size, len(self))
+            idx = torch.randperm(len(self), generator=self.generator)[:k]
+        else:
+            if where.shape != (len(self),):
+                raise ValueError(f"where must be a mask of the {len(self)} filled slots, got {tuple(where.shape)}")
+            allowed = torch.nonzero(where.cpu(), as_tuple=True)[0]
+            if allowed.numel() == 0:
+                raise RuntimeError("no buffer sample satisfies the mask")
+            idx = allowed[torch.randperm(allowed.numel(), generator=self.generator)[:batch_size]]
         return {key: value[idx].to(device) if device is not None else value[idx] for key, value in self.data.items()}
 
     def state_dict(self) -> dict[str, Any]:

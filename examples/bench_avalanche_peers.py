@@ -8,6 +8,10 @@ Avalanche's own training loop (``strategy.train(experience)``); ours through one
 test experience, with the logits of classes not yet trained masked out (the rule of
 ``ContinualClassificationMixin`` for class-IL evaluation), then ``cl_plugins.metrics``.
 
+Our replay rows: classic ER (the reservoir takes every sample and a replayed batch may hold
+current-experience samples) and ``past_only=True`` (replays only samples of earlier experiences,
+as Avalanche's ``Replay``, whose buffer is updated at experience ends).
+
 Avalanche settings: Replay ``mem_size=500``; DER (DER++ with Avalanche's defaults ``alpha=0.1``,
 ``beta=0.5``) ``mem_size=500``; EWC ``ewc_lambda=100`` (separate mode); LwF ``alpha=1``,
 ``temperature=2``. Not tuned.
@@ -102,6 +106,7 @@ def ours() -> dict[str, Callable[[], list[pl.Callback]]]:
     return {
         "ours: naive": lambda: [],
         "ours: ExperienceReplay": lambda: [ExperienceReplay(buffer_size=BUFFER)],
+        "ours: ExperienceReplay (past_only)": lambda: [ExperienceReplay(buffer_size=BUFFER, past_only=True)],
         "ours: k-FPF-CE": lambda: [KFPF(k=2, iterations=175, buffer_size=BUFFER, lr=0.1, momentum=0.9)],
     }
 
@@ -128,7 +133,7 @@ def main() -> None:
                 dm.setup("fit")
                 res = run_avalanche(name, peers[name], dm)
             results.setdefault(name, []).append(res)
-            print(f"{name:24s} seed {seed}: avg acc {res['avg_acc']:.4f}  forgetting {res['avg_forgetting']:.4f}  "
+            print(f"{name:36s} seed {seed}: avg acc {res['avg_acc']:.4f}  forgetting {res['avg_forgetting']:.4f}  "
                   f"wall {res['wall_s']:.1f}s", flush=True)
 
     naive = statistics.mean(r["wall_s"] for r in results["ours: naive"])

@@ -85,3 +85,42 @@ def test_replay_rejects_tuple_batches():
     replay = ExperienceReplay(buffer_size=4)
     with pytest.raises(TypeError, match="list"):
         replay.on_train_batch_start(None, None, (torch.ones(2), torch.ones(2), torch.ones(2)), 0)
+
+
+def test_buffer_tags_experiences_and_samples_under_a_mask():
+    buf = ReservoirBuffer(6, seed=0)
+    buf.add(torch.zeros(3, 2), torch.tensor([0, 1, 0]), torch.zeros(3), experience=0)
+    buf.add(torch.ones(3, 2), torch.tensor([2, 3, 2]), torch.zeros(3), experience=1)
+    assert buf.data["e"].tolist() == [0, 0, 0, 1, 1, 1]
+    for _ in range(5):
+        batch = buf.sample(10, where=buf.data["e"] < 1)
+        assert sorted(batch["y"].tolist()) == [0, 0, 1]
+    with pytest.raises(ValueError, match="every batch or for none"):
+        buf.add(torch.ones(1, 2), torch.tensor([4]), torch.zeros(1))
+    with pytest.raises(RuntimeError, match="no buffer sample"):
+        buf.sample(2, where=torch.zeros(6, dtype=torch.bool))
+
+
+class ReplayedClasses(pl.Callback):
+    """Batch size and classes of the last 16 rows (the replayed part) of each batch; put it after
+    ExperienceReplay(replay_batch_size=16)."""
+
+    def __init__(self):
+        self.seen = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        exp = trainer.datamodule.current_experience
+        self.seen.append((exp, len(batch[1]), set(batch[1][-16:].tolist())))
+
+
+def test_past_only_replay_never_replays_the_current_experience():
+    seen = ReplayedClasses()
+    replay = ExperienceReplay(buffer_size=200, replay_batch_size=16, past_only=True)
+    acc, trainer = _final_accuracy([replay, seen])
+    dm = trainer.datamodule
+    assert all(n <= 32 for exp, n, _ in seen.seen if exp == 0)  # nothing to replay in the first experience
+    for exp, n, classes in seen.seen:
+        if exp > 0:
+            assert n > 16 and not classes & set(dm.classes_in_experience[exp]), (exp, n, classes)
+    assert set(replay.buffer.data["e"].tolist()) == set(range(5))  # the reservoir still takes everything
+    assert acc > 0.5
