@@ -81,19 +81,24 @@ def test_forward_equals_explicit_matrices():
     torch.testing.assert_close(layer(x[None])[0], out)
 
 
+def _dropped_inputs(experts: LoRAExperts) -> torch.Tensor:
+    """``(experts, d_in)`` mask of the inputs each expert's dropout dropped in one training forward."""
+    masks = []
+    experts.lora_A.register_hook(lambda g: masks.append(g))
+    with torch.no_grad():
+        experts.lora_B.fill_(1.0)
+    torch.manual_seed(1)
+    experts.train()(torch.ones(1, 6), torch.ones(1, 3)).sum().backward()
+    return masks[0].abs().sum(dim=1) == 0
+
+
 def test_zero_initialised_experts_start_at_the_pretrained_layer_and_dropout_is_per_expert():
     base = nn.Linear(6, 5)
     layer = LoRAMoELinear(base, num_experts=3, rank=2, alpha=32.0, dropout=0.5)
     x = torch.randn(4, 6)
     torch.testing.assert_close(layer(x), base(x))
     experts = LoRAExperts(6, 5, num_experts=3, rank=2, alpha=2.0, dropout=0.5, per_expert_dropout=True)
-    masks = []
-    experts.lora_A.register_hook(lambda g: masks.append(g))
-    with torch.no_grad():
-        experts.lora_B.fill_(1.0)
-    torch.manual_seed(1)
-    experts(torch.ones(1, 6), torch.ones(1, 3)).sum().backward()
-    zero_cols = (masks[0].abs().sum(dim=1) == 0)  # (experts, d_in): inputs dropped for each expert
+    zero_cols = _dropped_inputs(experts)
     assert not all(torch.equal(zero_cols[0], zero_cols[i]) for i in range(1, 3))
     # the per-expert dropout path computes the same mixture as the evaluation path
     experts.dropout = nn.Dropout(0.0)
@@ -103,14 +108,7 @@ def test_zero_initialised_experts_start_at_the_pretrained_layer_and_dropout_is_p
 
 
 def test_default_dropout_shares_one_mask_across_experts():
-    experts = LoRAExperts(6, 5, num_experts=3, rank=2, alpha=2.0, dropout=0.5)
-    masks = []
-    experts.lora_A.register_hook(lambda g: masks.append(g))
-    with torch.no_grad():
-        experts.lora_B.fill_(1.0)
-    torch.manual_seed(1)
-    experts(torch.ones(1, 6), torch.ones(1, 3)).sum().backward()
-    zero_cols = masks[0].abs().sum(dim=1) == 0  # (experts, d_in)
+    zero_cols = _dropped_inputs(LoRAExperts(6, 5, num_experts=3, rank=2, alpha=2.0, dropout=0.5))
     assert zero_cols[0].any() and all(torch.equal(zero_cols[0], zero_cols[i]) for i in range(1, 3))
 
 
