@@ -325,7 +325,9 @@ class LoRAExperts(nn.Module):
                 nn.init.kaiming_uniform_(self.lora_A[i], a=math.sqrt(5))
             self.lora_B.zero_()
 
-    def forward(self, x: Tensor, weights: Tensor) -> Tensor:
+    def forward(self, x: Tensor, weights: Tensor, base_out: Tensor | None = None) -> Tensor:
+        """The weighted sum of the experts' updates, added to ``base_out`` when given (one fused
+        ``addmm``: no separate update tensor of the output's size)."""
         n, r, d_in = self.lora_A.shape
         lead = x.shape[:-1]
         if self.training and isinstance(self.dropout, nn.Dropout) and self.per_expert_dropout:
@@ -335,9 +337,12 @@ class LoRAExperts(nn.Module):
         else:
             # one mask shared by the experts (standard LoRA dropout): one stacked matmul
             h = F.linear(self.dropout(x), self.lora_A.reshape(n * r, d_in)).reshape(*lead, n, r)
-        h = h * weights.unsqueeze(-1).to(h.dtype)
+        h = (h * (weights.unsqueeze(-1) * self.scaling).to(h.dtype)).reshape(-1, n * r)  # scale the rank side
         b = self.lora_B.permute(1, 0, 2).reshape(self.lora_B.shape[1], n * r)
-        return F.linear(h.reshape(*lead, n * r), b) * self.scaling
+        if base_out is None:
+            return (h @ b.t()).reshape(*lead, b.shape[0])
+        return torch.addmm(base_out.reshape(-1, b.shape[0]), h.to(base_out.dtype), b.t().to(base_out.dtype)).reshape(
+            base_out.shape)
 
     def extra_repr(self) -> str:
         n, r, d_in = self.lora_A.shape
@@ -389,7 +394,7 @@ class LoRAMoELinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         out = self.base(x)
         weights = self.route(x)
-        out = out + self.experts(x, weights).to(out.dtype)
+        out = self.experts(x, weights, base_out=out)
         ctx = self.context
         if ctx is not None and self.training and torch.is_grad_enabled():
             types = ctx.sample_types(x.shape[0], x.device)
