@@ -57,7 +57,11 @@ class _UnpaddedDistributedSampler(DistributedSampler):
 
 class _EpochSeededSampler(Sampler[int]):
     """Shuffles with a generator seeded by ``(seed, epoch)``: the order of an epoch does not depend
-    on what ran before it, so a run resumed from a checkpoint sees the same batches."""
+    on what ran before it, so a run resumed from a checkpoint sees the same batches.
+
+    The permutation is ``DistributedSampler``'s (``seed + epoch``), which deals it out round-robin
+    to the ranks: DDP on ``W`` processes with batch ``B`` then trains on the same global batches as
+    one process with batch ``W * B``, so the two runs can be compared step by step."""
 
     def __init__(self, n: int, seed: int, epoch: int) -> None:
         self.n, self.seed, self.epoch = n, seed, epoch
@@ -66,7 +70,7 @@ class _EpochSeededSampler(Sampler[int]):
         return self.n
 
     def __iter__(self) -> Iterator[int]:
-        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
         return iter(torch.randperm(self.n, generator=g).tolist())
 
 

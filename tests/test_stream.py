@@ -144,3 +144,59 @@ def test_nan_loss_raises_with_advice():
     model = ContinualClassifier("mlp", num_classes=10, input_shape=(1, 8, 8), lr=1e30)
     with pytest.raises(FloatingPointError, match="lower the learning rate"):
         _fit(dm, model=model, limit_val_batches=0)
+
+
+def test_one_process_draws_the_global_batches_of_ddp():
+    # DDP on W ranks with batch B deals out the same permutation round-robin: global step k trains on
+    # the samples one process with batch W*B trains on at step k
+    from torch.utils.data import DistributedSampler
+
+    from datamodules.stream import _EpochSeededSampler
+
+    n, seed, epoch, batch, world = 203, 3, 2, 4, 2
+    single = list(_EpochSeededSampler(n, seed, epoch))
+    assert sorted(single) == list(range(n)) and single != list(range(n))
+    ranks = []
+    for rank in range(world):
+        sampler = DistributedSampler(range(n), world, rank, shuffle=True, seed=seed)
+        sampler.set_epoch(epoch)
+        ranks.append(list(sampler))
+    for k in range(n // (world * batch)):
+        union = sorted(i for r in ranks for i in r[k * batch:(k + 1) * batch])
+        assert union == sorted(single[k * world * batch:(k + 1) * world * batch])
+
+
+DDP_STEPS_SCRIPT = """
+import json, os, sys
+import lightning.pytorch as pl
+import torch
+from cl_plugins import ContinualClassifier
+from datamodules import SplitDigits
+
+pl.seed_everything(0)
+dm = SplitDigits(n_experiences=5, epochs_per_experience=2, batch_size=16, seed=1)
+model = ContinualClassifier("mlp", num_classes=10, input_shape=(1, 8, 8), lr=0.1)
+trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=8, logger=False,
+                     enable_checkpointing=False, enable_progress_bar=False, num_sanity_val_steps=0)
+trainer.fit(model, datamodule=dm)
+if trainer.global_rank == 0:
+    path = os.path.join(os.path.dirname(os.environ["RESULT_PATH"]), "ddp.pt")
+    torch.save(model.state_dict(), path)
+    json.dump({"weights": path}, open(os.environ["RESULT_PATH"], "w"))
+"""
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_take_the_same_steps_as_one_process_with_twice_the_batch(tmp_path):
+    from tests._subprocess import run_script
+
+    result = run_script(DDP_STEPS_SCRIPT, tmp_path)
+    pl.seed_everything(0)
+    dm = SplitDigits(n_experiences=5, epochs_per_experience=2, batch_size=32, seed=1)
+    model = ContinualClassifier("mlp", num_classes=10, input_shape=(1, 8, 8), lr=0.1)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    pl.Trainer(**quiet_trainer_kwargs(max_steps=8)).fit(model, datamodule=dm)
+    ddp = torch.load(result["weights"])
+    for name, w in model.state_dict().items():
+        assert (w - start[name]).abs().max() > 1e-3, name  # every tensor moved over the 8 steps ...
+        assert torch.allclose(w, ddp[name], atol=1e-6), name  # ... and the same way on 2 processes
