@@ -1,0 +1,119 @@
+"""The benchmark runner (examples/bench_runner.py) and the Avalanche side (examples/peers.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from cl_plugins import ContinualClassifier
+from datamodules import SplitDigits
+from examples.bench_runner import BenchConfigError, check_config, main, replace_block, substitute
+from examples.peers import accuracy_row, check_peer
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ROOT / "examples" / "configs" / "smoke.yaml"
+
+
+def _cfg(**methods):
+    return {
+        "seeds": [0],
+        "streams": {"s": {"datamodule": {"class_path": "datamodules.SplitDigits"}, "params": {"buffer_size": 10}}},
+        "methods": methods or {"naive": {}},
+    }
+
+
+def test_smoke_config_runs_ours_and_avalanche_and_writes_one_table(tmp_path):
+    md = tmp_path / "B.md"
+    md.write_text("# Benchmarks\n\nbefore\n")
+    results = main([str(SMOKE), "--output-dir", str(tmp_path / "out"), "--markdown", str(md), "--no-progress"])
+
+    assert [r["method"] for r in results] == ["naive", "ER", "Avalanche Naive", "Avalanche Replay"]
+    mlp = ContinualClassifier("mlp", num_classes=10, input_shape=(1, 8, 8))
+    for r in results:
+        run_dir = tmp_path / "out" / "smoke" / "Split-Digits" / r["method"].replace(" ", "_") / "seed0"
+        assert (run_dir / "accuracy_matrix.png").stat().st_size > 0
+        assert len(json.loads((run_dir / "metrics.json").read_text())["matrix"]) == 5
+        assert (run_dir / "run.log").exists()
+        assert len(r["matrix"]) == 5 and all(len(row) == 5 for row in r["matrix"])
+        assert r["peak_mem_mib"] is not None and r["peak_mem_mib"] >= 0  # forked child, Linux
+        assert r["trainable_params"] == sum(p.numel() for p in mlp.parameters())
+    by = {r["method"]: r for r in results}
+    # a replay buffer keeps earlier experiences alive in Avalanche's loop as in ours
+    assert by["Avalanche Replay"]["avg_forgetting"] < by["Avalanche Naive"]["avg_forgetting"]
+    assert by["ER"]["avg_forgetting"] < by["naive"]["avg_forgetting"]
+    # class-IL evaluation masks unseen classes: nothing is right on experiences not trained yet
+    for r in results:
+        assert all(r["matrix"][i][j] == 0.0 for i in range(5) for j in range(i + 1, 5))
+
+    text = md.read_text()
+    assert text.startswith("# Benchmarks\n\nbefore\n")
+    assert text.count("<!-- bench_runner:smoke:begin -->") == 1
+    rows = [line for line in text.splitlines() if line.startswith("| Split-Digits |")]
+    assert len(rows) == 4 and "1.00x" in rows[0]
+
+
+def test_replace_block_is_idempotent_and_keeps_the_rest(tmp_path):
+    md = tmp_path / "B.md"
+    md.write_text("head\n")
+    replace_block(md, "x", "first", "Title")
+    replace_block(md, "y", "other", "Other")
+    replace_block(md, "x", "second", "Title")
+    text = md.read_text()
+    assert text.count("## Title") == 1 and "first" not in text and "second" in text
+    assert text.startswith("head\n") and "other" in text
+    assert text.index("second") < text.index("other")  # replaced in place
+
+
+def test_params_are_substituted_and_a_missing_one_is_named():
+    assert substitute({"a": ["@buffer_size", 3]}, {"buffer_size": 7}, "w") == {"a": [7, 3]}
+    with pytest.raises(BenchConfigError, match="params.bank.*buffer_size"):
+        substitute({"a": "@bank"}, {"buffer_size": 7}, "w")
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda c: c.update(extra=1), "unknown key"),
+        (lambda c: c.update(seeds=[]), "seeds"),
+        (lambda c: c["methods"].update(m={"avalanche": "Replay", "callbacks": []}), "both"),
+        (lambda c: c["methods"].update(m={"avalanche": "Nope"}), "unknown Avalanche strategy"),
+        (lambda c: c["methods"].update(m={"callbacks": [{"init_args": {}}]}), "class_path"),
+        (lambda c: c["methods"].update(m={"avalanche": "Replay", "args": {"mem_size": "@memory"}}), "params.memory"),
+        (lambda c: c["streams"]["s"].update(methods=["nope"]), "unknown method"),
+        (lambda c: c["streams"]["s"].pop("datamodule"), "datamodule.class_path"),
+    ],
+)
+def test_config_mistakes_fail_before_any_run(change, message):
+    cfg = _cfg()
+    change(cfg)
+    with pytest.raises(BenchConfigError, match=message):
+        check_config(cfg)
+
+
+def test_peers_refuse_task_incremental_streams():
+    with pytest.raises(ValueError, match="scenario 'class'"):
+        check_peer("Replay", SplitDigits(n_experiences=5, scenario="task"))
+    with pytest.raises(ValueError, match="unknown Avalanche strategy"):
+        check_peer("Nope", SplitDigits(n_experiences=5))
+
+
+class _Constant(nn.Module):
+    """Logit c for class c: the highest unmasked class always wins."""
+
+    def forward(self, x):
+        return torch.arange(10.0).expand(len(x), 10)
+
+
+def test_peer_evaluation_masks_the_classes_not_yet_trained():
+    dm = SplitDigits(n_experiences=5)
+    _ = dm.benchmark
+    labels = [torch.tensor([int(dm.test_dataset(j)[i][1]) for i in range(len(dm.test_dataset(j)))])
+              for j in range(5)]
+    for trained in (0, 2, 4):
+        top = max(c for i in range(trained + 1) for c in dm.classes_in_experience[i])
+        expected = [float((y == top).float().mean()) for y in labels]
+        assert accuracy_row(_Constant(), dm, trained) == pytest.approx(expected)
