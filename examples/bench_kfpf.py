@@ -1,7 +1,7 @@
 """k-FPF and FPF against naive training and experience replay on Split-MNIST.
 
 Split-MNIST (5 x 2 classes, class-IL), the small CNN (width 16) of ``configs/default.yaml``, 1 epoch per
-experience, batch 32, SGD lr 0.05 (as ``bench_baselines.py``); every buffer holds 500 samples.
+experience, batch 32, SGD lr 0.05 as there; every buffer holds 500 samples.
 Methods: naive, replay (ER), FPF after replay, k-FPF-CE and k-FPF-KD. The table gives final
 average accuracy, average forgetting, wall time of ``fit`` and its ratio to naive, FPF
 iterations, and the extra training FLOPs over naive from the cost model of

@@ -58,19 +58,16 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
 
-# the repository root (callbacks, cl_plugins, datamodules) and this folder: the sibling helpers are imported
-# by module name, because avalanche-lib installs a top-level ``examples`` package that shadows the repository's
-# ``examples/`` folder (which has no ``__init__.py``) in ``from examples.benchutils import ...``
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+# the repository root first, so that ``examples`` is this folder and not the top-level ``examples`` package
+# that avalanche-lib installs
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import knowledge_probe as probe  # noqa: E402
-from benchutils import markdown_table, mean_std, run_stream, write_markdown  # noqa: E402
 
 from callbacks import L2M, PEGO, LoRA, LoRAMoE  # noqa: E402
 from cl_plugins import ContinualClassifier  # noqa: E402
 from datamodules import TextCLStream  # noqa: E402
 from datamodules.text import default_tokenizer_path  # noqa: E402
+from examples import knowledge_probe as probe  # noqa: E402
+from examples.benchutils import markdown_table, mean_std, run_stream, write_markdown  # noqa: E402
 
 METHODS: dict[str, Callable[[], list[pl.Callback]]] = {
     "full fine-tuning": lambda: [],

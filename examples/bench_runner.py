@@ -26,9 +26,9 @@ Config (see ``examples/configs/peers.yaml``)::
 
 Runs go seed by seed, all methods of a stream in turn, so drifts in machine load hit every method
 alike. Each run is a forked child process (Linux), its output in ``run.log`` beside the heatmap:
-its peak memory is its own (``VmHWM`` reset
-through ``/proc/self/clear_refs``; on CUDA ``max_memory_allocated``), and no run inherits another's
-allocator state. ``--in-process`` runs them in this process instead (memory column then "-").
+its peak memory is its own (``VmHWM`` reset through ``/proc/self/clear_refs``; on CUDA
+``max_memory_allocated``), and no run inherits another's allocator state. ``--in-process`` runs them
+in this process instead (memory column then "-").
 With ``--markdown FILE`` the table replaces the block between ``<!-- bench_runner:<config>:begin -->``
 and ``<!-- bench_runner:<config>:end -->`` in FILE (appended when absent).
 """
@@ -36,12 +36,14 @@ and ``<!-- bench_runner:<config>:end -->`` in FILE (appended when absent).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib
 import json
 import multiprocessing
 import os
 import platform
 import re
+import shlex
 import statistics
 import sys
 import time
@@ -64,7 +66,7 @@ from examples.peers import STRATEGIES, check_peer, run_peer  # noqa: E402
 
 TOP_KEYS = {"seeds", "threads", "output_dir", "streams", "methods"}
 STREAM_KEYS = {"datamodule", "model", "params", "trainer", "methods", "device"}
-METHOD_KEYS = {"callbacks", "avalanche", "args"}
+METHOD_KEYS = {"callbacks", "avalanche", "args", "model"}
 REFERENCE = "naive"
 
 
@@ -125,6 +127,9 @@ def check_config(cfg: dict[str, Any], where: str = "config") -> None:
         if "args" in spec and "avalanche" not in spec:
             raise BenchConfigError(f"{where}: method {name!r}: 'args' are an Avalanche strategy's arguments; "
                                    "our callbacks take theirs under callbacks[i].init_args")
+        if not isinstance(spec.get("model", {}), dict):
+            raise BenchConfigError(f"{where}: method {name!r}: 'model' must map ContinualClassifier arguments to "
+                                   f"values that override the stream's (e.g. {{lr: 0.01}}), got {spec['model']!r}")
         for cb in spec.get("callbacks", []) or []:
             if not isinstance(cb, dict) or "class_path" not in cb:
                 raise BenchConfigError(f"{where}: method {name!r}: each callback needs a class_path "
@@ -204,7 +209,8 @@ def run_one(cfg: dict[str, Any], stream: str, method: str, seed: int, out_dir: P
     pl.seed_everything(seed, verbose=False)
     dm = instantiate(s["datamodule"], seed=seed)
     _ = dm.benchmark  # load / decode the data before the clock and the memory counter start
-    model = ContinualClassifier(**(s.get("model") or {}))
+    # a method's ``model`` entries (e.g. its own learning rate) override the stream's
+    model = ContinualClassifier(**{**(s.get("model") or {}), **(spec.get("model") or {})})
     trainer_kw = dict(s.get("trainer") or {})
     cuda = trainer_kw.get("accelerator") in ("gpu", "cuda") and torch.cuda.is_available()
     device = s.get("device") or ("cuda" if cuda else "cpu")
@@ -235,7 +241,31 @@ def run_one(cfg: dict[str, Any], stream: str, method: str, seed: int, out_dir: P
     if rss0 is not None:
         peak = (torch.cuda.max_memory_allocated() / 2**20 if cuda else _proc_status("VmHWM")) - rss0
     return {**res, "peak_mem_mib": peak, "trainable_params": trainable,
-            "stream": stream, "method": method, "seed": seed}
+            "stream": stream, "method": method, "seed": seed, "fingerprint": fingerprint(cfg, stream, method, seed)}
+
+
+def fingerprint(cfg: dict[str, Any], stream: str, method: str, seed: int) -> str:
+    """A hash of everything that defines one run (the stream's data, model and trainer settings, the method's
+    spec with the stream's parameters filled in, the seed, the threads): ``--reuse`` takes an earlier result
+    only when it is unchanged."""
+    s = cfg["streams"][stream]
+    spec = substitute(cfg["methods"][method] or {}, s.get("params", {}) or {}, f"stream {stream!r}, method {method!r}")
+    what = {"stream": {k: v for k, v in s.items() if k not in ("params", "methods")}, "method": spec, "seed": seed,
+            "threads": cfg.get("threads")}
+    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def reusable(path: Path, cfg: dict[str, Any]) -> dict[tuple[str, str, int], dict[str, Any]]:
+    """The results of an earlier run of this config (its ``results.json``) whose run is unchanged."""
+    if not path.exists():
+        return {}
+    out = {}
+    for r in json.loads(path.read_text()):
+        key = (r.get("stream"), r.get("method"), r.get("seed"))
+        if key[0] in cfg["streams"] and key[1] in cfg["methods"] and \
+                r.get("fingerprint") == fingerprint(cfg, *key):
+            out[key] = r
+    return out
 
 
 def _child(conn: Any, *args: Any) -> None:
@@ -333,6 +363,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--markdown", default=None, help="write the table into this file (e.g. BENCHMARKS.md)")
     parser.add_argument("--in-process", action="store_true", help="no forked child per run (no memory column)")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--reuse", action="store_true",
+                        help="take the runs whose stream, method, seed and settings are unchanged from the output "
+                             "folder's results.json instead of running them again (e.g. after adding a method)")
     args = parser.parse_args(argv)
 
     cfg = load_config(args.config)
@@ -357,12 +390,18 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         print("no fork start method on this platform: running in-process, without the memory column")
         execute = run_one
 
+    earlier = reusable(out_root / "results.json", cfg) if args.reuse else {}
     results: list[dict[str, Any]] = []
+    reused = 0
     start = time.perf_counter()
     bar = tqdm(plan, unit="run", disable=args.no_progress, dynamic_ncols=True)
     for stream, method, seed in bar:
         bar.set_description(f"{stream} | {method} | seed {seed}")
         run_dir = out_root / _slug(stream) / _slug(method) / f"seed{seed}"
+        if (stream, method, seed) in earlier:
+            results.append(earlier[(stream, method, seed)])
+            reused += 1
+            continue
         res = execute(cfg, stream, method, seed, run_dir, execute is not run_one)
         results.append(res)
         bar.set_postfix(acc=f"{res['avg_acc']:.3f}", wall=f"{res['wall_s']:.0f}s")
@@ -373,13 +412,20 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     text = table(results, cfg)
     print(text)
     out_root.mkdir(parents=True, exist_ok=True)
-    (out_root / "results.json").write_text(json.dumps(results, indent=1))
+    keep = []  # with --reuse, earlier runs outside this plan stay in results.json for later reuse
+    if args.reuse and (out_root / "results.json").exists():
+        planned = {(r["stream"], r["method"], r["seed"]) for r in results}
+        keep = [r for r in json.loads((out_root / "results.json").read_text())
+                if (r.get("stream"), r.get("method"), r.get("seed")) not in planned]
+    (out_root / "results.json").write_text(json.dumps(keep + results, indent=1))
     (out_root / "table.md").write_text(text + "\n")
-    print(f"{len(results)} runs in {time.perf_counter() - start:.0f} s; per-run heatmaps and metrics.json "
-          f"under {out_root}")
+    print(f"{len(results) - reused} runs in {time.perf_counter() - start:.0f} s ({reused} reused); "
+          f"per-run heatmaps and metrics.json under {out_root}")
     if args.markdown:
         seeds = cfg.get("seeds", [0])
-        command = "python examples/bench_runner.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        # the command that regenerates the table from scratch (``--reuse`` only skips unchanged runs)
+        given = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--reuse"]
+        command = "python examples/bench_runner.py " + " ".join(shlex.quote(a) for a in given)
         body = (f"`{command}`\n\n{len(seeds)} seed(s) {seeds}, {machine_line(cfg)}; {time.strftime('%Y-%m-%d')}. "
                 f"Mean ± std over seeds; wall time is the mean, relative to the stream's `{REFERENCE}` row; "
                 "peak memory is what the run added on top of the loaded data and model (RSS on CPU, "

@@ -23,7 +23,9 @@ def run_script(code: str, tmp_path: Path, timeout: int = 600, args: list[str] | 
     script = tmp_path / "script.py"
     script.write_text(textwrap.dedent(code))
     result = tmp_path / "result.json"
-    env = dict(os.environ, RESULT_PATH=str(result), PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1",
+    # the repository first, then whatever the caller had on PYTHONPATH (e.g. a --target site folder)
+    pythonpath = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    env = dict(os.environ, RESULT_PATH=str(result), PYTHONPATH=pythonpath, OMP_NUM_THREADS="1",
                HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONWARNINGS="ignore")
     proc = subprocess.run(
         [sys.executable, str(script), *(args or [])], cwd=ROOT, env=env, capture_output=True, text=True,

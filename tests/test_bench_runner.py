@@ -117,3 +117,58 @@ def test_peer_evaluation_masks_the_classes_not_yet_trained():
         top = max(c for i in range(trained + 1) for c in dm.classes_in_experience[i])
         expected = [float((y == top).float().mean()) for y in labels]
         assert accuracy_row(_Constant(), dm, trained) == pytest.approx(expected)
+
+
+def _smoke_copy(tmp_path: Path, edit) -> Path:
+    import yaml
+
+    cfg = yaml.safe_load(SMOKE.read_text())
+    edit(cfg)
+    path = tmp_path / "smoke.yaml"  # same stem: same output folder and markdown block as the original
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_reuse_takes_unchanged_runs_and_reruns_changed_ones(tmp_path):
+    out = str(tmp_path / "out")
+    common = ["--output-dir", out, "--no-progress", "--in-process"]
+    first = main([str(SMOKE), "--methods", "naive", "ER", *common])
+    by_first = {r["method"]: r for r in first}
+
+    # all four methods, two of them done already: those two are taken as they were (same wall time to the
+    # last digit), the Avalanche ones run
+    second = main([str(SMOKE), "--reuse", *common])
+    assert [r["method"] for r in second] == ["naive", "ER", "Avalanche Naive", "Avalanche Replay"]
+    assert second[0] == by_first["naive"] and second[1] == by_first["ER"]
+
+    # a changed setting (ER's buffer) reruns exactly the runs it defines; the rest is reused again
+    changed = _smoke_copy(tmp_path, lambda c: c["streams"]["Split-Digits"]["params"].update(buffer_size=50))
+    third = main([str(changed), "--reuse", *common])
+    by_third = {r["method"]: r for r in third}
+    assert by_third["naive"] == second[0] and by_third["Avalanche Naive"] == second[2]
+    assert by_third["ER"]["fingerprint"] != by_first["ER"]["fingerprint"]
+    assert by_third["ER"]["wall_s"] != by_first["ER"]["wall_s"]
+    assert by_third["Avalanche Replay"]["fingerprint"] != second[3]["fingerprint"]
+
+    # a partial run with --reuse keeps the other runs' records in results.json
+    main([str(changed), "--reuse", "--methods", "naive", *common])
+    saved = json.loads((Path(out) / "smoke" / "results.json").read_text())
+    assert sorted(r["method"] for r in saved) == sorted(by_third)
+
+
+def test_a_method_overrides_the_streams_model_settings(tmp_path):
+    def edit(cfg):
+        cfg["methods"] = {"naive": {}, "wide": {"model": {"backbone_kwargs": {"hidden": 32}}}}
+
+    results = main([str(_smoke_copy(tmp_path, edit)), "--output-dir", str(tmp_path / "out"), "--no-progress",
+                    "--in-process"])
+    by = {r["method"]: r for r in results}
+    narrow = ContinualClassifier("mlp", num_classes=10, input_shape=(1, 8, 8))
+    wide = ContinualClassifier("mlp", num_classes=10, input_shape=(1, 8, 8), backbone_kwargs={"hidden": 32})
+    assert by["naive"]["trainable_params"] == sum(p.numel() for p in narrow.parameters())
+    assert by["wide"]["trainable_params"] == sum(p.numel() for p in wide.parameters())
+    assert by["wide"]["trainable_params"] != by["naive"]["trainable_params"]
+
+    cfg = _cfg(m={"model": "lr=0.1"})
+    with pytest.raises(BenchConfigError, match="'model' must map"):
+        check_config(cfg)
