@@ -355,7 +355,6 @@ def main() -> None:
     print(text)
     print(settings)
     if args.markdown:
-        Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
         write_markdown(args.markdown, f"PEFT methods on AG News -> Yelp -> Amazon -> DBpedia, MiniLM "
                        f"({args.scenario}-IL, {len(args.seeds)} seed(s))", f"{text}\n\n{settings}")
 

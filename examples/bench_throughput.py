@@ -255,7 +255,6 @@ def main() -> None:
     print(text)
     print(settings)
     if args.markdown:
-        Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
         write_markdown(args.markdown, f"Training throughput, {args.model} at {args.img_size} px, {args.precision}, "
                        f"{device_name(args.accelerator)}", f"{text}\n\n{settings}")
 

@@ -77,5 +77,6 @@ def summarize(
 
 def write_markdown(path: str | Path, title: str, text: str) -> None:
     """Writes ``text`` under a heading to ``path`` (a file the caller pastes into BENCHMARKS.md)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(f"### {title}\n\n{text}\n")
 
