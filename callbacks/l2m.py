@@ -4,8 +4,14 @@ See :mod:`cl_plugins.peft.l2m` for the method, its defaults and how they follow 
 The callback injects the pool in ``setup()`` (before the optimizer is built), computes the query in
 forward hooks (no change to the user's ``training_step``), attaches the key-matching loss with
 :meth:`ContinualCallback.attach_loss` (logged as ``l2m/key_loss``), counts which keys each
-experience selects (logged as ``l2m/key{i}_frac`` at the end of the experience) and sets the count
-penalty at the start of each experience.
+experience selects in training (``key_histograms``; logged as ``l2m/key{i}_frac`` at the end of the
+experience) and sets the count penalty at the start of each experience.
+
+It also counts the keys selected in evaluation, per test experience (``eval_key_histograms``: one
+``bincount`` per eval batch, one all-reduce per eval pass), so training and test selection can be
+compared: the fraction of test experience ``j``'s samples that select a key training experience
+``j`` selected is logged as ``l2m/val_key_match_exp{j}`` (``l2m/test_...`` in ``trainer.test``).
+L2M identifies the task from the input alone, so this is its task-identification rate.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from cl_plugins.peft.l2m import (
     QueryHooks,
     find_pad_token_id,
     find_query_module,
+    find_query_tap,
     install_l2m,
     probe_query_dim,
     resolve_targets,
@@ -50,8 +57,9 @@ class L2M(InjectionCallback):
         rank: LoRA rank (paper: 8).
         modulator: ``"lora"`` (default) or ``"ia3"`` (learned scaling vectors).
         query: ``"embedding"`` (default, as the paper: token mean of the frozen embedding layer's
-            output; no extra cost) or ``"pooled"`` (the frozen, unmodulated model's pooled
-            features, i.e. the input of the head: one extra no-grad forward per step).
+            output before its dropout, see ``query_tap``; no extra cost) or ``"pooled"`` (the frozen,
+            unmodulated model's pooled features, i.e. the input of the head: one extra no-grad
+            forward per step).
         key_loss_weight: weight of ``1 - cos(q, k_selected)`` (official ``pull_constraint_coef``
             0.5); 0 freezes the keys.
         alpha: LoRA ``alpha`` (default ``2 * rank``, as upstream).
@@ -62,7 +70,16 @@ class L2M(InjectionCallback):
             i.e. the FF activation, as (IA)^3).
         qkv_parts: slices of a fused ``qkv`` layer to modulate (default "qv" LoRA, "kv" (IA)^3).
         query_module: qualified name of the embedding module for ``query="embedding"`` (default:
-            ``patch_embed`` / ``embeddings``).
+            ``patch_embed`` / ``embeddings``); its input gives the token ids of the padding mask.
+        query_tap: qualified name of the module (``query_module`` or a submodule) whose output is
+            averaged into the query. Default: ``query_module`` when it holds no dropout, else its
+            ``LayerNorm`` child (Hugging Face ``embeddings``: the embedding before the dropout), so
+            the query of an input is the same in every training forward and at test time; a query
+            module with dropout and no single ``LayerNorm`` child needs it (see
+            :func:`cl_plugins.peft.l2m.find_query_tap`).
+        lora_init: ``"upstream"`` (default: every LoRA ``A`` drawn with the bound of upstream's
+            single Kaiming-uniform call on the whole pooled tensor, ~17x below ``nn.Linear``'s on
+            MiniLM-L6) or ``"linear"`` (each layer's ``1 / sqrt(d_in)``).
         query_root: qualified name of the module whose forward receives the input batch (default:
             the LightningModule itself); its forward hooks compute the pooled query and clear the
             selection after each forward.
@@ -82,6 +99,8 @@ class L2M(InjectionCallback):
     Attributes:
         key_histograms: ``{experience: [count of key 0, ..., key M-1]}``: how many training samples
             selected each key in each experience (summed over DDP ranks); part of the state dict.
+        eval_key_histograms: ``{"validate" | "test": {test experience: [count per key]}}`` of the
+            latest validation / test pass (sanity checks excluded; summed over DDP ranks).
         pool: the :class:`ModulationPool` (keys) once set up.
     """
 
@@ -100,6 +119,8 @@ class L2M(InjectionCallback):
         input_targets: Sequence[str] | None = None,
         qkv_parts: str | None = None,
         query_module: str | None = None,
+        query_tap: str | None = None,
+        lora_init: str = "upstream",
         query_root: str | None = None,
         query_dim: int | None = None,
         pad_token_id: int | None = None,
@@ -117,6 +138,8 @@ class L2M(InjectionCallback):
             raise ValueError(f"rank must be >= 1, got {rank}")
         if key_loss_weight < 0:
             raise ValueError(f"key_loss_weight must be >= 0, got {key_loss_weight}")
+        if lora_init not in ("upstream", "linear"):
+            raise ValueError(f"lora_init must be 'upstream' or 'linear', got {lora_init!r}")
         self.targets = None if targets is None else list(targets)
         self.pool_size, self.top_k, self.rank, self.alpha = pool_size, top_k, rank, alpha
         self.modulator, self.query = modulator, query
@@ -124,9 +147,14 @@ class L2M(InjectionCallback):
         self.input_targets = None if input_targets is None else list(input_targets)
         self.qkv_parts, self.query_module, self.query_root = qkv_parts, query_module, query_root
         self.query_dim, self.pad_token_id = query_dim, pad_token_id
+        self.query_tap, self.lora_init = query_tap, lora_init
         self.pool: ModulationPool | None = None
         self.hooks: QueryHooks | None = None
         self._counts: dict[int, Tensor] = {}
+        #: per stage, the counts of the eval pass in progress (test experience -> counts)
+        self._eval_pass: dict[str, dict[int, Tensor]] = {}
+        #: per stage, the counts of the latest finished eval pass
+        self._eval_counts: dict[str, dict[int, Tensor]] = {}
         self._trainer: pl.Trainer | None = None
 
     # ------------------------------------------------------------------ injection
@@ -155,22 +183,25 @@ class L2M(InjectionCallback):
 
     def inject(self, pl_module: pl.LightningModule) -> list[str]:
         head_name, head = find_head(pl_module, self.head_name)
+        registry = pl_module.__dict__.get(self._REGISTRY, {})
+        occupied = {k: v for k, v in registry.items() if k != self.injection_key}
         placement = resolve_targets(pl_module, self.modulator, self.targets, self.input_targets, self.qkv_parts,
-                                    exclude=[head_name])
+                                    exclude=[head_name], occupied=occupied)
         root = pl_module if self.query_root is None else pl_module.get_submodule(self.query_root)
-        query_module = None
+        query_module = tap = None
         if self.query == "embedding":
-            _, query_module = find_query_module(pl_module, self.query_module, placement.preset)
+            query_name, query_module = find_query_module(pl_module, self.query_module, placement.preset)
+            _, tap = find_query_tap(pl_module, query_name, query_module, self.query_tap)
         key_dim = self.query_dim
         if key_dim is None:
-            key_dim = probe_query_dim(root, self._example_input(pl_module), self.query, query_module, head)
+            key_dim = probe_query_dim(root, self._example_input(pl_module), self.query, tap, head)
         pool, placement = install_l2m(
             pl_module, key_dim, modulator=self.modulator, pool_size=self.pool_size, top_k=self.top_k, rank=self.rank,
             alpha=self.alpha, key_loss_weight=self.key_loss_weight, key_init=self.key_init, pool_name=POOL_NAME,
-            placement=placement,
+            placement=placement, lora_init=self.lora_init,  # type: ignore[arg-type]
         )
         pad = self.pad_token_id if self.pad_token_id is not None else find_pad_token_id(pl_module)
-        self.hooks = QueryHooks(pool, root, self.query, query_module, head, pad).install()
+        self.hooks = QueryHooks(pool, root, self.query, query_module, head, pad, query_tap=tap).install()
         return [POOL_NAME, *placement.output, *placement.input]
 
     # ------------------------------------------------------------------ experiences
@@ -199,6 +230,63 @@ class L2M(InjectionCallback):
         for i, f in enumerate(frac.tolist()):
             pl_module.log(f"l2m/key{i}_frac", f, on_step=False, on_epoch=True, sync_dist=False)
 
+    # ------------------------------------------------------------------ evaluation selection
+    def _eval_start(self, stage: str) -> None:
+        self._pool().pop_eval_counts()  # drop selections of forwards outside this pass
+        self._eval_pass[stage] = {}
+
+    def _eval_batch_end(self, trainer: pl.Trainer, stage: str, dataloader_idx: int) -> None:
+        counts = self._pool().pop_eval_counts()
+        if trainer.sanity_checking:
+            return
+        run = self._eval_pass.setdefault(stage, {})
+        prev = run.get(dataloader_idx)
+        run[dataloader_idx] = counts if prev is None else prev + counts
+
+    def _eval_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str, prefix: str) -> None:
+        run = self._eval_pass.pop(stage, {})
+        if trainer.sanity_checking:
+            return
+        pool = self._pool()
+        n_exp = max([self.stream(trainer).num_test_experiences, *(j + 1 for j in run)])
+        table = torch.zeros(n_exp, pool.pool_size, dtype=torch.long, device=pool.keys.device)
+        for j, c in run.items():
+            table[j] += c.to(table.device)
+        if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(table)
+        self._eval_counts[stage] = {j: table[j] for j in range(n_exp) if int(table[j].sum()) > 0}
+        for j, counts in self._eval_counts[stage].items():
+            trained = self._counts.get(j)
+            if trained is None:
+                continue
+            used = trained.to(counts.device) > 0
+            match = float(counts[used].sum()) / max(int(counts.sum()), 1)
+            pl_module.log(f"l2m/{prefix}_key_match_exp{j}", match, on_step=False, on_epoch=True, sync_dist=False)
+
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._eval_start("validate")
+
+    def on_validation_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        self._eval_batch_end(trainer, "validate", dataloader_idx)
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._eval_end(trainer, pl_module, "validate", "val")
+
+    def on_test_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._eval_start("test")
+
+    def on_test_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        self._eval_batch_end(trainer, "test", dataloader_idx)
+
+    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._eval_end(trainer, pl_module, "test", "test")
+
     def _pool(self) -> ModulationPool:
         if self.pool is None:
             raise RuntimeError("L2M is not set up: add it to the Trainer's callbacks before fit")
@@ -219,9 +307,20 @@ class L2M(InjectionCallback):
             out[e] = [c / total for c in counts]
         return out
 
+    @property
+    def eval_key_histograms(self) -> dict[str, dict[int, list[int]]]:
+        """Samples of each test experience that selected each key in the latest validation / test pass."""
+        return {stage: {j: [int(v) for v in c.tolist()] for j, c in sorted(run.items())}
+                for stage, run in self._eval_counts.items()}
+
     # ------------------------------------------------------------------ checkpoint state
     def state_dict(self) -> dict[str, Any]:
-        return {"key_counts": self.key_histograms}
+        return {"key_counts": self.key_histograms, "eval_key_counts": self.eval_key_histograms}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._counts = {int(e): torch.tensor(c, dtype=torch.long) for e, c in state_dict["key_counts"].items()}
+        # checkpoints written before evaluation counts were kept have no "eval_key_counts"
+        self._eval_counts = {
+            stage: {int(j): torch.tensor(c, dtype=torch.long) for j, c in run.items()}
+            for stage, run in state_dict.get("eval_key_counts", {}).items()
+        }

@@ -11,6 +11,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from callbacks.base import ContinualCallback
 from callbacks.l2m import L2M
+from callbacks.lora import LoRA
 from cl_plugins.models import ContinualClassifier
 from datamodules.common import split_benchmark
 from datamodules.digits import SplitDigits
@@ -131,6 +132,17 @@ def test_bert_on_a_token_stream_with_padding_masked_out_of_the_query(modulator):
         assert layer.output.dense.side == "input" and type(layer.attention.output.dense).__name__ == "Linear"
     assert _frozen_unchanged(before, model, "net.model.classifier.") == []
     assert sorted(l2m.key_histograms) == [0, 1]
+    # evaluation selections, per test experience, of the last validation pass (after experience 1)
+    val = l2m.eval_key_histograms["validate"]
+    assert {j: sum(c) for j, c in val.items()} == {j: len(dm.test_dataset(j)) for j in range(2)}
+    for j in range(2):
+        used = [c > 0 for c in l2m.key_histograms[j]]
+        match = sum(c for c, u in zip(val[j], used) if u) / sum(val[j])
+        assert trainer.callback_metrics[f"l2m/val_key_match_exp{j}"].item() == pytest.approx(match)
+    trainer.test(model, datamodule=dm)
+    assert l2m.eval_key_histograms["test"] == val  # same model, same test sets
+    assert "l2m/test_key_match_exp1" in trainer.callback_metrics
+    assert l2m.state_dict()["eval_key_counts"]["validate"] == val
     # padding does not change the query, hence neither the selection nor the output
     ids = torch.tensor([[5, 7, 9, 3, 0, 0]])
     longer = torch.cat([ids, torch.zeros(1, 5, dtype=torch.long)], dim=1)
@@ -138,6 +150,58 @@ def test_bert_on_a_token_stream_with_padding_masked_out_of_the_query(modulator):
     with torch.no_grad():
         a, b = model(ids), model(longer)
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_bert_query_is_the_embedding_before_dropout_so_training_forwards_and_eval_agree():
+    """BertEmbeddings ends in dropout (p=0.1): the query is its LayerNorm output, the same in every training
+    forward of a batch and at test time (upstream takes the embeddings before the embedding dropout)."""
+    pl.seed_everything(0)
+    model = ContinualClassifier("hf-config", num_classes=4, hf_config=dict(BERT_CFG, hidden_dropout_prob=0.1))
+    embeddings = model.net.model.bert.embeddings
+    assert embeddings.dropout.p == 0.1
+    l2m = L2M(pool_size=8, query_dim=32)
+    l2m.setup(None, model, "fit")  # injects (query_dim given: no probe forward, no trainer needed)
+    pool = model.l2m_pool
+    queries, chosen = [], []
+    original = pool.select
+
+    def select(query: torch.Tensor) -> torch.Tensor:
+        idx = original(query)
+        queries.append(query.detach().clone())
+        chosen.append(idx.clone())
+        return idx
+
+    pool.select = select
+    ids = torch.randint(1, 40, (16, 10), generator=torch.Generator().manual_seed(1))
+    ids[:8, 6:] = 0  # padded
+    model.train()
+    for _ in range(2):
+        model(ids).sum().backward()
+    model.eval()
+    with torch.no_grad():
+        model(ids)
+    del pool.select
+    assert len(queries) == 3
+    with torch.no_grad():
+        emb = embeddings(input_ids=ids)  # eval: no dropout
+    torch.testing.assert_close(queries[0], queries[1], rtol=0, atol=0)
+    torch.testing.assert_close(queries[0], queries[2], rtol=1e-6, atol=1e-6)
+    assert torch.equal(chosen[0], chosen[1]) and torch.equal(chosen[0], chosen[2])
+    mask = (ids != 0).unsqueeze(-1).float()
+    torch.testing.assert_close(queries[2], (emb * mask).sum(1) / mask.sum(1))
+    assert pool.keys.grad is not None  # the training forwards did attach the key loss
+
+
+def test_two_adapters_on_one_layer_are_refused_in_either_order():
+    model = _vit()
+    LoRA().apply_to(model)  # attention projections, incl. net.blocks.N.attn.qkv
+    with pytest.raises(RuntimeError, match=r"L2M cannot adapt 'net.blocks.0.attn.qkv'.*LoRAGroupLinear"):
+        L2M(pool_size=4, query_dim=32).setup(None, model, "fit")
+    model = _vit()
+    L2M(pool_size=4, query_dim=32).setup(None, model, "fit")  # attn.qkv and mlp.fc1
+    with pytest.raises(RuntimeError, match=r"LoRA cannot adapt 'net.blocks.0.attn.qkv'.*PooledLoRALinear"):
+        LoRA().apply_to(model)
+    LoRA(targets=[r"attn\.proj$"]).apply_to(model)  # disjoint layers: fine
 
 
 def test_bf16_mixed_trains_with_float32_selection():
@@ -232,9 +296,16 @@ from cl_plugins.models import ContinualClassifier
 from datamodules.digits import SplitDigits
 
 class Gather(ContinualCallback):
+    def on_validation_epoch_start(self, trainer, pl_module):
+        self.seen = torch.zeros(2, dtype=torch.long)
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        self.seen[dataloader_idx] += len(batch[1])
+
     def on_train_end(self, trainer, pl_module):
         flat = torch.cat([p.detach().flatten() for n, p in pl_module.named_parameters() if p.requires_grad])
         self.sums = trainer.strategy.all_gather(torch.stack([flat.sum(), flat.abs().sum()])).tolist()
+        self.val_seen = trainer.strategy.reduce(self.seen, reduce_op="sum").tolist()
 
 if __name__ == "__main__":
     pl.seed_everything(0)
@@ -251,7 +322,8 @@ if __name__ == "__main__":
         sizes = [dm.experience_info(e).num_train_samples for e in range(2)]
         with open(os.environ["RESULT_PATH"], "w") as f:
             json.dump({"hist": l2m.key_histograms, "sizes": sizes, "sums": gather.sums,
-                       "inv_freq": model.l2m_pool.inv_freq.tolist()}, f)
+                       "inv_freq": model.l2m_pool.inv_freq.tolist(), "val_seen": gather.val_seen,
+                       "eval_hist": l2m.eval_key_histograms["validate"]}, f)
 """
 
 
@@ -266,3 +338,5 @@ def test_ddp_plain_strategy_without_find_unused_parameters(tmp_path):
     keys0 = {i for i, c in enumerate(res["hist"]["0"]) if c}
     keys1 = {i for i, c in enumerate(res["hist"]["1"]) if c}
     assert keys0.isdisjoint(keys1)
+    # evaluation selections of the last validation pass are summed over both ranks
+    assert [sum(res["eval_hist"][str(j)]) for j in range(2)] == res["val_seen"]

@@ -15,6 +15,7 @@ from cl_plugins.peft.l2m import (
     PooledLoRALinear,
     QueryHooks,
     find_query_module,
+    find_query_tap,
     install_l2m,
     inverse_frequency,
     key_matching_loss,
@@ -22,7 +23,9 @@ from cl_plugins.peft.l2m import (
     pooled_lora_delta,
     resolve_targets,
     select_entries,
+    upstream_lora_fan_in,
 )
+from cl_plugins.peft.lora import inject_lora_groups
 
 
 def _pool(keys: torch.Tensor, top_k: int = 1, weight: float = 0.5) -> ModulationPool:
@@ -268,3 +271,134 @@ def test_a_deep_copy_of_a_modulated_model_has_its_own_pool_and_hooks():
         assert twin.blocks[0].mlp.fc1.pool[0] is twin.l2m_pool and twin.l2m_pool is not pool
         twin.blocks[0].mlp.fc1.lora_B.add_(1.0)
         assert not torch.allclose(twin(x), model(x))
+
+
+def test_eval_selections_are_counted_apart_from_training_ones():
+    pool = _pool(torch.eye(3))
+    pool.eval()
+    pool.select(torch.tensor([[1.0, 0, 0], [0, 0, 1.0]]))
+    pool.select(torch.tensor([[0, 0, 3.0]]))
+    assert pool.pop_counts().tolist() == [0, 0, 0]
+    assert pool.pop_eval_counts().tolist() == [1, 0, 2]
+    assert pool.pop_eval_counts().tolist() == [0, 0, 0]
+    pool.train()
+    pool.select(torch.tensor([[0, 1.0, 0]]))
+    assert pool.pop_eval_counts().tolist() == [0, 0, 0] and pool.pop_counts().tolist() == [0, 1, 0]
+
+
+def _bert(dropout: float = 0.1, layers: int = 2, hidden: int = 32):
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    return BertModel(BertConfig(vocab_size=40, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
+                                intermediate_size=4 * hidden, hidden_dropout_prob=dropout))
+
+
+def _upstream_a_bound(pool_size: int, n_layer: int, embed_dim: int, rank: int, length: int = 6) -> float:
+    """Upstream's bound: one kaiming_uniform_(a=sqrt(5)) on A of shape (M, n_layer, length, embed_dim, rank)."""
+    t = torch.empty(pool_size, n_layer, length, embed_dim, rank)
+    fan_in, _ = nn.init._calculate_fan_in_and_fan_out(t)
+    assert fan_in == n_layer * length * embed_dim * rank
+    return 1.0 / math.sqrt(fan_in)  # gain(a=sqrt(5)) * sqrt(3 / fan_in)
+
+
+def test_lora_a_init_follows_upstreams_pooled_fan_in_by_default_and_linear_on_request():
+    # MiniLM-L6 shape (6 layers, d 384, FF 1536), rank 8, q + v + FF: upstream's bound is 17x below 1/sqrt(d)
+    with torch.device("meta"):
+        minilm = _bert(layers=6, hidden=384)
+    placement = resolve_targets(minilm, "lora")
+    assert upstream_lora_fan_in(minilm, placement, rank=8) == 6 * 6 * 384 * 8
+    ratio = _upstream_a_bound(30, 6, 384, 8) * math.sqrt(384)
+    assert ratio == pytest.approx(1 / math.sqrt(288)) and 1 / ratio == pytest.approx(16.97, abs=0.01)
+
+    bert = _bert()
+    bert.requires_grad_(False)
+    install_l2m(bert, key_dim=32, pool_size=5, rank=4)
+    bound = _upstream_a_bound(5, 2, 32, 4)
+    for name in ("attention.self.query", "attention.self.value", "intermediate.dense"):
+        a = bert.encoder.layer[1].get_submodule(name).lora_A
+        assert a.abs().max() <= bound and a.abs().max() > 0.9 * bound, name
+    vit = _tiny_vit()  # 1 block, d 16: qkv on q and v (2 slots) + fc1 (4 slots)
+    install_l2m(vit, key_dim=16, pool_size=3, rank=2, exclude=["head"])
+    a = vit.blocks[0].attn.qkv.lora_A
+    assert a.abs().max() <= _upstream_a_bound(3, 1, 16, 2) and a.abs().max() > 0.9 * _upstream_a_bound(3, 1, 16, 2)
+
+    linear = _bert()
+    install_l2m(linear, key_dim=32, pool_size=5, rank=4, lora_init="linear")
+    a = linear.encoder.layer[0].intermediate.dense.lora_A
+    assert a.abs().max() <= 1 / math.sqrt(32) and a.abs().max() > 0.9 / math.sqrt(32)
+    with pytest.raises(ValueError, match="lora_init must be"):
+        install_l2m(_bert(), key_dim=32, lora_init="kaiming")
+
+
+def test_query_tap_is_the_embedding_before_dropout():
+    assert find_query_module(_bert(), None, "bert")[0] == "embeddings"
+    bert = _bert(dropout=0.1)
+    assert find_query_tap(bert, "embeddings", bert.embeddings)[0] == "embeddings.LayerNorm"
+    no_drop = _bert(dropout=0.0)
+    assert find_query_tap(no_drop, "embeddings", no_drop.embeddings)[0] == "embeddings"
+    vit = _tiny_vit()
+    assert find_query_tap(vit, "patch_embed", vit.patch_embed)[0] == "patch_embed"
+    assert find_query_tap(bert, "embeddings", bert.embeddings, "embeddings.word_embeddings")[0] == (
+        "embeddings.word_embeddings")
+    with pytest.raises(ValueError, match="must be the query module"):
+        find_query_tap(bert, "embeddings", bert.embeddings, "encoder")
+    with pytest.raises(ValueError, match="is not a module"):
+        find_query_tap(bert, "embeddings", bert.embeddings, "nope")
+    model = nn.Sequential()
+    model.add_module("embed", nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.2)))
+    with pytest.raises(ValueError, match=r"contains dropout \(\['embed.1'\]\).*query_tap="):
+        find_query_tap(model, "embed", model.embed)
+    assert find_query_tap(model, "embed", model.embed, "embed.0")[0] == "embed.0"
+
+
+class _Embed(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(10, 4)
+        self.LayerNorm = nn.LayerNorm(4)
+        self.unused = nn.LayerNorm(4)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(self.tok(ids))
+
+
+def test_query_hooks_mask_padding_from_the_query_modules_ids_and_reject_a_tap_that_never_runs():
+    torch.manual_seed(0)
+    model = nn.Sequential(_Embed(), nn.Linear(4, 3))
+    pool = _pool(torch.randn(3, 4))
+    hooks = QueryHooks(pool, model, "embedding", model[0], pad_token_id=0, query_tap=model[0].LayerNorm).install()
+    seen = []
+    original = pool.select
+    pool.select = lambda q: (seen.append(q), original(q))[1]
+    ids = torch.tensor([[3, 4, 0, 0], [5, 0, 0, 0]])
+    model(ids)
+    emb = model[0](ids).detach()
+    torch.testing.assert_close(seen[0], torch.stack([emb[0, :2].mean(0), emb[1, 0]]))
+    hooks.remove()
+    QueryHooks(pool, model, "embedding", model[0], query_tap=model[0].unused).install()
+    with pytest.raises(RuntimeError, match="query tap .* did not run inside the query module"):
+        model(ids)
+    with pytest.raises(ValueError, match="query_tap must be the query module or one of its submodules"):
+        QueryHooks(pool, model, "embedding", model[0], query_tap=model[1])
+
+
+def test_l2m_refuses_layers_another_adapter_already_wraps():
+    vit = _tiny_vit()
+    inject_lora_groups(vit, [r"attn\.qkv$"], qkv_parts="qv")
+    # default placement: finds the LoRA wrapper at blocks.0.attn.qkv
+    with pytest.raises(RuntimeError, match=r"L2M cannot adapt 'blocks.0.attn.qkv'.*LoRAGroupLinear"):
+        install_l2m(vit, key_dim=16, pool_size=3, exclude=["head"])
+    assert not hasattr(vit, "l2m_pool")
+    # a user pattern that matches the wrapper's inner base layer
+    with pytest.raises(RuntimeError, match=r"L2M cannot adapt 'blocks.0.attn.qkv'"):
+        resolve_targets(vit, "lora", targets=[r"attn\.qkv"])
+    # an explicit placement is checked too
+    with pytest.raises(RuntimeError, match=r"L2M cannot adapt 'blocks.0.attn.qkv'"):
+        install_l2m(vit, key_dim=16, placement=resolve_targets(_tiny_vit(), "lora", exclude=["head"]))
+    # disjoint layers are fine
+    pool, placement = install_l2m(vit, key_dim=16, pool_size=3, targets=[r"mlp\.fc1$"])
+    assert list(placement.output) == ["blocks.0.mlp.fc1"]
+    # and LoRA then refuses the layer L2M wraps
+    with pytest.raises(RuntimeError, match=r"cannot adapt 'blocks.0.mlp.fc1'.*PooledLoRALinear"):
+        inject_lora_groups(vit, [r"mlp\.fc1$"])

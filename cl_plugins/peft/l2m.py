@@ -15,8 +15,20 @@ Defaults and details, checked against the official code (github.com/ml-jku/L2M,
 ``models/multiprompt_decision_transformer_model.py``):
 
 - pool size 30, rank 8, ``lora_alpha = 2 * rank`` (scaling 2), top-1 selection, keys initialised
-  uniform in [-1, 1], LoRA ``A`` random (Kaiming-uniform, as ``nn.Linear``) and ``B`` zero, so the
-  modulated model starts exactly at the pretrained one; (IA)^3 vectors start at one.
+  uniform in [-1, 1], LoRA ``B`` zero, so the modulated model starts exactly at the pretrained one;
+  (IA)^3 vectors start at one.
+- LoRA ``A`` init (``lora_init="upstream"``, the default). Upstream ``L2MLoRA`` holds every ``A`` of
+  the pool in one tensor ``(pool_size, n_layer, length, embed_dim, rank)`` (``length`` = 1 slot for
+  q, 1 for v, 4 for the 4d-wide FF) and calls ``kaiming_uniform_(a=sqrt(5))`` on it once. PyTorch
+  takes the fan-in of a tensor of more than two dims as ``size(1) * prod(size(2:))``, so the bound
+  is ``1 / sqrt(n_layer * length * embed_dim * rank)``, not a layer's ``1 / sqrt(d_in)``: on
+  MiniLM-L6 (6 layers, d 384, rank 8, q + v + FF) it is ``1 / sqrt(110592) = 0.0030`` against
+  ``1 / sqrt(384) = 0.051``, 17x smaller. We keep upstream's scale: :func:`upstream_lora_fan_in`
+  computes the same number from the placement (``rank`` times the modulated output width summed
+  over every LoRA layer, which is ``n_layer * length * embed_dim * rank`` for the default
+  placement) and every ``A`` is drawn from ``U(-b, b)`` with that bound. ``lora_init="linear"``
+  uses the per-layer ``nn.Linear`` / PEFT bound ``1 / sqrt(d_in)`` instead (a larger ``A`` makes
+  ``B`` move faster at the start of training, as in plain LoRA).
 - Placement. LoRA: attention queries and values (``mod_q``, ``mod_v``; keys not modulated) and
   the feed-forward block. The official FF LoRA maps the first FF layer's 4d output to itself
   (``h + s * h A B``); here the standard LoRA of the first FF layer is used (``W1 x + s B A x``):
@@ -24,11 +36,19 @@ Defaults and details, checked against the official code (github.com/ml-jku/L2M,
   (IA)^3: keys and values scaled, and the FF hidden activation after the nonlinearity (official
   default ``ia3_lff_pre=False``), implemented as a scaling of the second FF layer's input.
 - Query: the official query is the masked mean over the context of the frozen *input
-  embeddings* (``embed_key=mean``, state tokens), i.e. the embedding layer, not a full forward.
-  ``query="embedding"`` does that (mean of the frozen embedding-layer output over the tokens;
-  padding masked for token inputs): no extra cost. ``query="pooled"`` (as L2P's ``cls``
-  features) uses the frozen, unmodulated model's pooled features (the input of the
-  classification head), at the cost of one extra no-grad forward per step.
+  embeddings* (``embed_key=mean``, state tokens), i.e. the embedding layer, not a full forward;
+  upstream takes them before the transformer's embedding dropout, so the query of an input is the
+  same in every training forward and at test time. ``query="embedding"`` does that: mean over the
+  tokens of the output of the *query tap* (padding masked for token inputs), no extra cost. The
+  tap is the embedding module itself when it holds no dropout (timm ``patch_embed``); a Hugging
+  Face ``embeddings`` module ends in ``LayerNorm -> dropout``, so there the tap is its
+  ``LayerNorm`` (the token ids for the padding mask are read from the ``embeddings`` input). For
+  a user-given ``query_module`` containing dropout, the tap is its single ``nn.LayerNorm`` child,
+  else ``query_tap=`` must name the submodule before the dropout (see :func:`find_query_tap`;
+  functional dropout inside ``forward`` cannot be seen, so name the tap in that case).
+  ``query="pooled"`` (as L2P's ``cls`` features) uses the frozen, unmodulated model's pooled
+  features (the input of the classification head), computed in eval mode at the cost of one
+  extra no-grad forward per step.
 - Similarity, selection and the key loss are computed in float32 (autocast off), as upstream.
 - Key loss: upstream subtracts ``0.5 * sum(cos(q, k_sel)) / batch`` (``pull_constraint_coef``
   0.5); ``0.5 * mean_b sum_k (1 - cos)`` used here has the same gradient.
@@ -44,13 +64,32 @@ Defaults and details, checked against the official code (github.com/ml-jku/L2M,
 Every pool tensor is a single parameter per layer, indexed per sample, so entries that no sample
 selected in a step still take part in the graph (with a zero gradient): DDP needs no
 ``find_unused_parameters``.
+
+A layer already adapted by another injection (a LoRA / PEGO / LoRAMoE wrapper, or a Hugging Face
+PEFT layer) is refused with the name of the layer and of the adapter on it
+(:func:`cl_plugins.peft.lora.check_not_adapted`): two adapters on one layer would each wrap the
+other's output and train against each other.
+
+Why not Hugging Face PEFT (peft 0.21 is installed; checked in ``peft/tuners/lora/layer.py``,
+``lora/model.py``, ``ia3/layer.py``, ``poly/``, ``xlora/``): a PEFT ``LoraLayer.forward``
+applies the same active adapter(s) to every sample of the batch (their updates summed).
+Mixed-adapter batches go through ``adapter_names`` (``_mixed_batch_forward``), which
+``LoraModel`` refuses in training mode ("Cannot pass `adapter_names` when the model is in
+training mode") and which loops over the distinct adapters, running each on its sub-batch;
+PEFT's (IA)^3 layers have no mixed batches at all; Polytropon (``poly``) routes per sample by a
+given ``task_ids``, which L2M must not use; X-LoRA mixes adapters per token with scalings that a
+classifier computes from an extra forward's hidden states, and runs every adapter on every token.
+None has a pool of trainable keys, a top-k selection by cosine to a frozen-embedding query, a key
+loss or a count penalty. L2M needs per-sample selection *in training*, over 30 entries,
+vectorised; so the pool is one tensor per layer indexed by the selection (two batched matmuls, no
+loop over entries).
 """
 
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -58,11 +97,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cl_plugins.peft.lora import check_not_adapted
 from cl_plugins.peft.targets import find_linear_layers, set_submodule
 from cl_plugins.protocols import linear_layer_names
 
 Modulator = Literal["lora", "ia3"]
 QueryMode = Literal["embedding", "pooled"]
+LoraInit = Literal["upstream", "linear"]
 
 #: paper / official-code defaults (configs/agent_params/model_kwargs/prompt_kwargs/l2m_lora.yaml)
 DEFAULT_POOL_SIZE = 30
@@ -94,6 +135,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
 }
 DEFAULT_QKV_PARTS = {"lora": "qv", "ia3": "kv"}
+#: modules whose output is random in train mode (a query module holding one needs a tap before it)
+_DROPOUT_TYPES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
 
 
 # --------------------------------------------------------------------------- selection math
@@ -176,7 +219,8 @@ class SelectionState:
 
     ``idx`` is the current per-sample selection ``(B, k)``; ``pending_loss`` the weighted key loss
     waiting to be attached to the first modulated output; ``enabled`` is off during the
-    unmodulated query pass.
+    unmodulated query pass. ``counts`` / ``eval_counts`` accumulate the selections of training /
+    other (eval or no-grad) forwards until popped.
     """
 
     idx: Tensor | None = None
@@ -184,6 +228,7 @@ class SelectionState:
     enabled: bool = True
     loss_hook: Callable[[Tensor, Tensor], Tensor] | None = None
     counts: Tensor | None = None
+    eval_counts: Tensor | None = None
     in_query_pass: bool = False
     layer_names: list[str] = field(default_factory=list)
 
@@ -251,7 +296,9 @@ class ModulationPool(nn.Module):
         """Selects entries for ``query`` ``(B, key_dim)`` and stores them for the modulated layers.
 
         In training (module in train mode with grad enabled) the weighted key loss is stored for
-        attachment and the selections are counted; the count penalty applies only then.
+        attachment and the selections are counted in ``counts``; the count penalty applies only
+        then. Other forwards (evaluation) count their selections in ``eval_counts`` (one
+        ``bincount`` of the batch's indices).
         """
         query = query.detach()
         training = self.training and torch.is_grad_enabled()
@@ -267,12 +314,23 @@ class ModulationPool(nn.Module):
                 self.last_key_loss = loss
             counts = torch.bincount(idx.flatten(), minlength=self.pool_size)
             st.counts = counts if st.counts is None else st.counts + counts
+        else:
+            counts = torch.bincount(idx.flatten(), minlength=self.pool_size)
+            st.eval_counts = counts if st.eval_counts is None else st.eval_counts + counts
         return idx
 
     def pop_counts(self) -> Tensor:
         """Selections counted in training forwards since the last call, ``(M,)`` int64."""
         counts = self.state.counts
         self.state.counts = None
+        if counts is None:
+            return torch.zeros(self.pool_size, dtype=torch.long, device=self.keys.device)
+        return counts
+
+    def pop_eval_counts(self) -> Tensor:
+        """Selections counted in non-training forwards since the last call, ``(M,)`` int64."""
+        counts = self.state.eval_counts
+        self.state.eval_counts = None
         if counts is None:
             return torch.zeros(self.pool_size, dtype=torch.long, device=self.keys.device)
         return counts
@@ -326,15 +384,22 @@ class PooledLoRALinear(nn.Module):
 
     ``y_b = W0 x_b + (alpha / r) * mean_j B_{idx[b,j]} A_{idx[b,j]} x_b`` on the output features in
     ``out_index`` (all of them when ``None``; a fused qkv layer uses the q and v slices).
+
+    ``A ~ U(-b, b)`` with ``b = 1 / sqrt(init_fan_in)`` (Kaiming-uniform with ``a = sqrt(5)``);
+    ``init_fan_in=None`` takes this layer's ``in_features`` (the ``nn.Linear`` / PEFT bound).
+    :func:`install_l2m` passes upstream's pooled fan-in (:func:`upstream_lora_fan_in`) by default.
+    ``B = 0``.
     """
 
     def __init__(
         self, base: nn.Linear, pool: ModulationPool, rank: int = DEFAULT_RANK, alpha: float | None = None,
-        out_index: Tensor | None = None, name: str = "",
+        out_index: Tensor | None = None, name: str = "", init_fan_in: int | None = None,
     ) -> None:
         super().__init__()
         if rank < 1:
             raise ValueError(f"rank must be >= 1, got {rank}")
+        if init_fan_in is not None and init_fan_in < 1:
+            raise ValueError(f"init_fan_in must be >= 1 (or None for the layer's in_features), got {init_fan_in}")
         self.base = base
         self.rank = rank
         self.alpha = float(2 * rank if alpha is None else alpha)
@@ -343,7 +408,8 @@ class PooledLoRALinear(nn.Module):
         d_out = base.out_features if out_index is None else int(out_index.numel())
         m = pool.pool_size
         w = base.weight
-        bound = 1.0 / math.sqrt(base.in_features)  # kaiming_uniform(a=sqrt(5)), as nn.Linear / PEFT
+        # kaiming_uniform(a=sqrt(5)): bound = gain * sqrt(3 / fan_in) = 1 / sqrt(fan_in)
+        bound = 1.0 / math.sqrt(base.in_features if init_fan_in is None else init_fan_in)
         self.lora_A = nn.Parameter(torch.empty(m, rank, base.in_features, device=w.device).uniform_(-bound, bound))
         self.lora_B = nn.Parameter(torch.zeros(m, d_out, rank, device=w.device))
         self.register_buffer("out_index", out_index, persistent=False)
@@ -429,8 +495,9 @@ class L2MTargets:
 
 
 def detect_preset(model: nn.Module) -> str | None:
-    """``"timm_vit"`` or ``"bert"`` from the model's linear-layer names, else ``None``."""
-    names = linear_layer_names(model)
+    """``"timm_vit"`` or ``"bert"`` from the model's module names, else ``None`` (a layer that another
+    adapter wraps still names the family, so the adapter check can name it)."""
+    names = [n for n, _ in model.named_modules()]
     for preset, spec in PRESETS.items():
         if any(re.search(spec["detect"], n) for n in names):
             return preset
@@ -444,12 +511,18 @@ def resolve_targets(
     input_targets: Sequence[str] | None = None,
     qkv_parts: str | None = None,
     exclude: Iterable[str] = (),
+    occupied: Mapping[str, Iterable[str]] | None = None,
 ) -> L2MTargets:
     """Which layers get which modulator (see the module docstring for the presets).
 
     ``targets`` / ``input_targets`` are regular expressions (``None``: the preset of the detected
     architecture). A matched layer named ``...qkv`` whose output splits in three is modulated on
     the ``qkv_parts`` slices only (default "qv" for LoRA, "kv" for (IA)^3, as upstream).
+
+    Raises a ``RuntimeError`` naming the layer and its adapter when a pattern matches a layer that
+    another adapter already wraps (or the ``base`` inside such a wrapper, or a layer inside a module
+    registered in ``occupied``: injection key -> qualified module names, as the injection callbacks
+    record them): see :func:`cl_plugins.peft.lora.check_not_adapted`.
     """
     if modulator not in ("lora", "ia3"):
         raise ValueError(f"modulator must be 'lora' or 'ia3', got {modulator!r}")
@@ -467,6 +540,7 @@ def resolve_targets(
         targets = PRESETS[preset][modulator]
         if input_targets is None and modulator == "ia3":
             input_targets = PRESETS[preset]["ia3_input"]
+    check_not_adapted(model, [*targets, *(input_targets or [])], "L2M", occupied)
     excluded = set(exclude)
     out: dict[str, str | None] = {}
     for name, layer in find_linear_layers(model, list(targets), exclude=excluded).items():
@@ -498,6 +572,46 @@ def find_query_module(model: nn.Module, name: str | None, preset: str | None) ->
     )
 
 
+def find_query_tap(
+    model: nn.Module, query_name: str, query_module: nn.Module, query_tap: str | None = None
+) -> tuple[str, nn.Module]:
+    """The module whose output is averaged into the query: ``query_module`` or a submodule of it.
+
+    The query must be a deterministic function of the input (upstream takes the embeddings before
+    the embedding dropout), else two training forwards of one sample select different keys and
+    training selection differs from test selection. ``query_tap`` (a qualified name) picks it
+    explicitly. By default: ``query_module`` itself when it holds no dropout module with ``p > 0``
+    (timm ``patch_embed``); otherwise its single ``nn.LayerNorm`` child (Hugging Face
+    ``embeddings``: ``word + position + type -> LayerNorm -> dropout``); otherwise an error asking
+    for ``query_tap``. Dropout called functionally inside ``forward`` cannot be detected: name the
+    tap for such a module.
+    """
+    modules = dict(model.named_modules())
+    if query_tap is not None:
+        if query_tap not in modules:
+            raise ValueError(f"query_tap '{query_tap}' is not a module of {type(model).__name__}")
+        if query_tap != query_name and not query_tap.startswith(query_name + ".") and query_name:
+            raise ValueError(
+                f"query_tap '{query_tap}' must be the query module '{query_name}' or a submodule of it: the token "
+                "ids for the padding mask are read from the query module's input in the same forward"
+            )
+        return query_tap, modules[query_tap]
+    dropouts = [n for n, m in query_module.named_modules() if isinstance(m, _DROPOUT_TYPES) and m.p > 0]
+    if not dropouts:
+        return query_name, query_module
+    norms = [n for n, m in query_module.named_children() if isinstance(m, nn.LayerNorm)]
+    if len(norms) == 1:
+        name = f"{query_name}.{norms[0]}" if query_name else norms[0]
+        return name, modules[name]
+    where = [f"{query_name}.{n}" if query_name else n for n in dropouts]
+    raise ValueError(
+        f"L2M: the query module '{query_name}' ({type(query_module).__name__}) contains dropout ({where}), so its "
+        "output, hence the query and the selected keys, would change between training forwards of the same input "
+        f"and differ from test time. Pass query_tap='<qualified name of the submodule of '{query_name}' whose "
+        f"output is the embedding before the dropout>', or query_tap='{query_name}' to accept a random query"
+    )
+
+
 def find_pad_token_id(model: nn.Module) -> int | None:
     """The padding token id of a Hugging Face model inside ``model`` (``None`` if none)."""
     for m in model.modules():
@@ -514,8 +628,12 @@ def find_pad_token_id(model: nn.Module) -> int | None:
 class QueryHooks:
     """Computes the query in forward hooks and hands it to the pool.
 
-    ``mode="embedding"``: a forward hook on ``query_module`` averages its output over the tokens
-    (padding masked out when its input is token ids and ``pad_token_id`` is known).
+    ``mode="embedding"``: a forward pre-hook on ``query_module`` records its token ids (the
+    ``input_ids`` keyword or first positional argument, when an integer tensor); a forward hook on
+    ``query_tap`` (``query_module`` itself by default, or a submodule of it, see
+    :func:`find_query_tap`) averages the tap's output over the tokens, padding masked out when
+    ``pad_token_id`` is known and the ids match the output's ``(batch, tokens)``, and selects; a
+    forward hook on ``query_module`` checks that the tap ran and forgets the ids.
     ``mode="pooled"``: a forward pre-hook on ``root`` first runs ``root`` once more, unmodulated,
     in eval mode and without gradients, and takes the input of ``head`` (the pooled features).
     A forward hook on ``root`` clears the selection after each forward.
@@ -523,7 +641,7 @@ class QueryHooks:
 
     def __init__(
         self, pool: ModulationPool, root: nn.Module, mode: QueryMode, query_module: nn.Module | None = None,
-        head: nn.Module | None = None, pad_token_id: int | None = None,
+        head: nn.Module | None = None, pad_token_id: int | None = None, query_tap: nn.Module | None = None,
     ) -> None:
         if mode not in ("embedding", "pooled"):
             raise ValueError(f"query must be 'embedding' or 'pooled', got {mode!r}")
@@ -531,9 +649,16 @@ class QueryHooks:
             raise ValueError("query='embedding' needs the query module")
         if mode == "pooled" and head is None:
             raise ValueError("query='pooled' needs the classification head")
+        if query_tap is not None and query_module is not None and not any(
+            m is query_tap for m in query_module.modules()
+        ):
+            raise ValueError("query_tap must be the query module or one of its submodules")
         self.pool, self.root, self.mode = pool, root, mode
         self.query_module, self.head, self.pad_token_id = query_module, head, pad_token_id
+        self.query_tap = query_module if query_tap is None else query_tap
         self._captured: Tensor | None = None
+        self._ids: Tensor | None = None
+        self._tapped = False
         self.handles: list[Any] = []
 
     def install(self) -> QueryHooks:
@@ -541,7 +666,9 @@ class QueryHooks:
         if self.handles:
             return self
         if self.mode == "embedding":
-            self.handles.append(self.query_module.register_forward_hook(self._on_embedding, with_kwargs=True))
+            self.handles.append(self.query_module.register_forward_pre_hook(self._on_query_start, with_kwargs=True))
+            self.handles.append(self.query_tap.register_forward_hook(self._on_tap))
+            self.handles.append(self.query_module.register_forward_hook(self._on_query_end))
         else:
             self.handles.append(self.root.register_forward_pre_hook(self._on_root_pre, with_kwargs=True))
         self.handles.append(self.root.register_forward_hook(self._on_root_end))
@@ -554,24 +681,44 @@ class QueryHooks:
         self.handles = []
 
     # ---- query sources
-    def embedding_query(self, args: tuple, kwargs: dict, output: Any) -> Tensor:
-        """Token mean of the embedding output, padding masked out."""
+    @staticmethod
+    def token_ids(args: tuple, kwargs: dict) -> Tensor | None:
+        """The integer token ids among a module call's arguments (``None`` if there are none)."""
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if isinstance(ids, Tensor) and not ids.is_floating_point() and not ids.is_complex():
+            return ids
+        return None
+
+    def embedding_query(self, output: Any, ids: Tensor | None = None) -> Tensor:
+        """Token mean of the tap's output, padding (``ids == pad_token_id``) masked out."""
         emb = output[0] if isinstance(output, (tuple, list)) else output
         if not isinstance(emb, Tensor) or emb.dim() < 2:
-            raise TypeError(f"L2M: the query module's output must be a (batch, ..., dim) tensor, got {type(emb)}")
+            raise TypeError(f"L2M: the query tap's output must be a (batch, ..., dim) tensor, got {type(emb)}")
         mask = None
-        ids = kwargs.get("input_ids", args[0] if args else None)
         if (
-            self.pad_token_id is not None and isinstance(ids, Tensor) and not ids.is_floating_point()
-            and emb.dim() == 3 and tuple(ids.shape) == tuple(emb.shape[:2])
+            self.pad_token_id is not None and ids is not None and emb.dim() == 3
+            and tuple(ids.shape) == tuple(emb.shape[:2])
         ):
             mask = ids != self.pad_token_id
         return masked_token_mean(emb.detach(), mask)
 
-    def _on_embedding(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+    def _on_query_start(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self._ids, self._tapped = self.token_ids(args, kwargs), False
+
+    def _on_tap(self, module: nn.Module, args: tuple, output: Any) -> None:
         if self.pool.state.in_query_pass:
             return
-        self.pool.select(self.embedding_query(args, kwargs, output))
+        self.pool.select(self.embedding_query(output, self._ids))
+        self._tapped = True
+
+    def _on_query_end(self, module: nn.Module, args: tuple, output: Any) -> None:
+        tapped, self._ids, self._tapped = self._tapped, None, False
+        if not tapped and not self.pool.state.in_query_pass:
+            raise RuntimeError(
+                f"L2M: the query tap ({type(self.query_tap).__name__}) did not run inside the query module "
+                f"({type(self.query_module).__name__}), so no key was selected: pass a query_tap that the query "
+                "module calls in its forward"
+            )
 
     def _capture_head_input(self, module: nn.Module, args: tuple) -> None:
         self._captured = args[0]
@@ -607,11 +754,33 @@ class QueryHooks:
             self.pool.clear()
 
 
+def upstream_lora_fan_in(model: nn.Module, placement: L2MTargets, rank: int) -> int:
+    """The fan-in upstream's single ``kaiming_uniform_`` call gives the pooled LoRA ``A`` tensor.
+
+    Upstream allocates ``A`` as ``(pool_size, n_layer, length, embed_dim, rank)`` with one
+    ``embed_dim``-wide slot per modulated d-wide output (q, v: one each; the 4d FF: four), and
+    PyTorch's fan-in of that tensor is ``n_layer * length * embed_dim * rank``, i.e. ``rank`` times
+    the modulated output width summed over every LoRA layer. Computed here the same way from the
+    placement (a fused ``qkv`` layer counts its modulated slices only).
+    """
+    width = 0
+    for name, parts in placement.output.items():
+        base = model.get_submodule(name)
+        index = _fused_index(base.out_features, parts)
+        width += base.out_features if index is None else int(index.numel())
+    if width == 0:
+        raise ValueError("no LoRA output targets in the placement: nothing to initialise")
+    return rank * width
+
+
 @torch.no_grad()
 def probe_query_dim(
     root: nn.Module, example: Tensor, mode: QueryMode, query_module: nn.Module | None, head: nn.Module | None
 ) -> int:
-    """Runs ``root`` once on ``example`` (eval mode, no grad) and returns the query dimension."""
+    """Runs ``root`` once on ``example`` (eval mode, no grad) and returns the query dimension.
+
+    ``query_module`` is the module whose output is the query (the query tap for ``"embedding"``).
+    """
     seen: list[Tensor] = []
     if mode == "embedding":
         handle = query_module.register_forward_hook(
@@ -647,17 +816,31 @@ def install_l2m(
     exclude: Iterable[str] = (),
     pool_name: str = "l2m_pool",
     placement: L2MTargets | None = None,
+    lora_init: LoraInit = "upstream",
+    occupied: Mapping[str, Iterable[str]] | None = None,
 ) -> tuple[ModulationPool, L2MTargets]:
     """Adds the pool as ``model.<pool_name>`` and wraps the target layers in place.
 
     ``placement`` (from :func:`resolve_targets`) overrides ``targets`` / ``input_targets`` /
-    ``qkv_parts``. The caller installs the query hooks (:class:`QueryHooks`). Returns the pool and
-    the placement.
+    ``qkv_parts``. ``lora_init``: ``"upstream"`` draws every LoRA ``A`` with upstream's pooled
+    bound ``1 / sqrt(upstream_lora_fan_in(...))``, ``"linear"`` with each layer's ``1 / sqrt(d_in)``
+    (see the module docstring). ``occupied``: modules other injections registered (layers inside
+    them are refused). The caller installs the query hooks (:class:`QueryHooks`). Returns the pool
+    and the placement.
     """
     if hasattr(model, pool_name):
         raise RuntimeError(f"{type(model).__name__} already has an attribute '{pool_name}' (L2M installed twice?)")
+    if lora_init not in ("upstream", "linear"):
+        raise ValueError(f"lora_init must be 'upstream' (upstream's pooled fan-in) or 'linear' (1/sqrt(d_in)), "
+                         f"got {lora_init!r}")
     if placement is None:
-        placement = resolve_targets(model, modulator, targets, input_targets, qkv_parts, exclude)
+        placement = resolve_targets(model, modulator, targets, input_targets, qkv_parts, exclude, occupied)
+    else:
+        check_not_adapted(model, [f"^{re.escape(n)}$" for n in [*placement.output, *placement.input]], "L2M",
+                          occupied)
+    fan_in = None
+    if modulator == "lora" and lora_init == "upstream" and placement.output:
+        fan_in = upstream_lora_fan_in(model, placement, rank)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     pool = ModulationPool(pool_size, key_dim, top_k, key_loss_weight, key_init).to(device)
     model.add_module(pool_name, pool)
@@ -666,7 +849,7 @@ def install_l2m(
         index = _fused_index(base.out_features, parts)
         new: nn.Module
         if modulator == "lora":
-            new = PooledLoRALinear(base, pool, rank=rank, alpha=alpha, out_index=index, name=name)
+            new = PooledLoRALinear(base, pool, rank=rank, alpha=alpha, out_index=index, name=name, init_fan_in=fan_in)
         else:
             new = PooledIA3Linear(base, pool, side="output", index=index, name=name)
         set_submodule(model, name, new)
