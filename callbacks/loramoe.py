@@ -86,7 +86,8 @@ class LoRAMoE(InjectionCallback):
         knowledge_experiences: for ``"experience"`` / ``"current"``: the first this many experiences
             are type 0 (our choice of default: 1, the first experience).
         allow_backbone_updates: accept other callbacks (k-FPF) that fine-tune parameters LoRAMoE froze.
-        log_stats: log router statistics every step.
+        log_stats: gather and log the router statistics every step (off: only the balancing loss is
+            logged, and the layers skip the bookkeeping).
         train_head / head_name: see :class:`~callbacks.injection.InjectionCallback`.
     """
 
@@ -146,6 +147,7 @@ class LoRAMoE(InjectionCallback):
         self.log_stats = log_stats
         self.context = LoRAMoEContext(split_experts(num_experts, num_knowledge_experts), delta=delta,
                                       balance_weight=balance_weight, tracker=self.aux)
+        self.context.collect_stats = log_stats
         #: qualified names of the equipped layers
         self.layer_names: list[str] = []
         self._lookup: tuple[str, Tensor | None] = ("current", None)
@@ -165,8 +167,10 @@ class LoRAMoE(InjectionCallback):
     # ------------------------------------------------------------------ injection
     def inject(self, pl_module: pl.LightningModule) -> list[str]:
         exclude = [find_head(pl_module, self.head_name)[0]] if self.train_head else []
+        registry = pl_module.__dict__.get(self._REGISTRY, {})
+        occupied = {k: v for k, v in registry.items() if k != self.injection_key}
         return inject_loramoe(pl_module, self.context, self.targets, self.rank, self.alpha, self.dropout,
-                              exclude=exclude, per_expert_dropout=self.per_expert_dropout)
+                              exclude=exclude, per_expert_dropout=self.per_expert_dropout, occupied=occupied)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)

@@ -160,6 +160,17 @@ def test_layer_term_is_beta_times_cv_squared_and_terms_sum_over_layers():
     share0 = (w1[0].mean(0)[:2].sum() + w2[0].mean(0)[:2].sum()) / 2  # type-0 sample: its group-0 share
     torch.testing.assert_close(stats["type0_group0_weight"], share0)
 
+    # without the statistics (log_stats=False): the same gradients and loss, no router statistics
+    model.zero_grad()
+    ctx.collect_stats = False
+    ctx.set_types(types)
+    model(x).pow(2).mean().backward()
+    for g, p in zip(got, (l1.router.weight, l2.router.weight, l1.experts.lora_A)):
+        torch.testing.assert_close(g, p.grad)
+    lean = ctx.pop_stats()
+    assert set(lean) == {"balance_loss"}
+    torch.testing.assert_close(lean["balance_loss"], stats["balance_loss"])
+
 
 def test_gradient_pushes_load_toward_balance_within_the_group():
     groups = split_experts(4, 2)
@@ -227,6 +238,35 @@ def test_injection_targets_ffn_layers_and_reports_models_without_them():
     mlp = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
     with pytest.raises(ValueError, match="pass targets=.*0, 2"):
         inject_loramoe(mlp, ctx)
+
+
+def test_layers_another_adapter_holds_are_refused_with_the_adapter_named():
+    import timm
+
+    from cl_plugins.peft.lora import inject_lora_groups
+
+    def vit() -> nn.Module:
+        torch.manual_seed(0)
+        return timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10, in_chans=1, img_size=8,
+                                 patch_size=4, embed_dim=32, depth=2, num_heads=2)
+
+    ctx = LoRAMoEContext(split_experts(6, 3))
+    lora_first = vit()
+    inject_lora_groups(lora_first, [r"mlp\.fc1$"], method="LoRA")
+    # default FFN targets: the wrapped fc1 is named as taken, not "no feed-forward layers"
+    with pytest.raises(RuntimeError, match=r"LoRAMoE cannot adapt 'blocks\.0\.mlp\.fc1'.*LoRAGroupLinear"):
+        inject_loramoe(lora_first, ctx, exclude=["head"])
+    # a pattern that would reach the wrapped base layer
+    with pytest.raises(RuntimeError, match=r"LoRAMoE cannot adapt 'blocks\.0\.mlp\.fc1'"):
+        inject_loramoe(lora_first, ctx, targets=["fc1"])
+    assert len(inject_loramoe(lora_first, ctx, targets=[r"mlp\.fc2$"])) == 4  # disjoint layers: fine
+
+    moe_first = vit()
+    inject_loramoe(moe_first, ctx, exclude=["head"])
+    with pytest.raises(RuntimeError, match=r"LoRA cannot adapt 'blocks\.0\.mlp\.fc1'.*LoRAMoELinear"):
+        inject_lora_groups(moe_first, [r"mlp\.fc1$"], method="LoRA")
+    with pytest.raises(RuntimeError, match=r"LoRAMoE cannot adapt 'blocks\.0\.mlp\.fc1'.*LoRAMoELinear"):
+        inject_loramoe(moe_first, ctx, exclude=["head"])
 
 
 def test_callback_arguments_are_checked():

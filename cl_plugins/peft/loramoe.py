@@ -67,7 +67,8 @@ and dropped before the backward.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -75,6 +76,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cl_plugins.aux_loss import AuxLossTracker, attach_aux_loss
+from cl_plugins.peft.lora import check_not_adapted
 from cl_plugins.peft.targets import BERT_FFN, TIMM_VIT_FFN, find_linear_layers, set_submodule
 from cl_plugins.protocols import linear_layer_names
 
@@ -181,7 +183,10 @@ class LoRAMoEContext:
         self.balance_weight = float(balance_weight)
         self.tracker = tracker
         self.num_groups = num_groups
+        #: gather the router statistics of :meth:`pop_stats` (off: the constraint alone, no bookkeeping)
+        self.collect_stats = True
         self._batch: Any = None
+        self._coeff: Tensor | None = None
         self._resolver: Callable[[Any], Tensor] | None = None
         self._types: Tensor | None = None
         #: the types of the last resolved batch (for inspection and tests)
@@ -196,18 +201,18 @@ class LoRAMoEContext:
     def begin_step(self, batch: Any, resolver: Callable[[Any], Tensor]) -> None:
         """Hands the layers the training batch; ``resolver(batch)`` gives the sample types
         ``(batch,)`` at the first layer forward (after other hooks extended the batch)."""
-        self._batch, self._resolver, self._types = batch, resolver, None
+        self._batch, self._resolver, self._types, self._coeff = batch, resolver, None, None
 
     def set_types(self, sample_types: Tensor | None) -> None:
         """Sets the sample types directly (outside a Trainer); ``None`` turns the constraint off."""
-        self._batch, self._resolver = None, None
+        self._batch, self._resolver, self._coeff = None, None, None
         self._types = None if sample_types is None else self._check(sample_types)
         if self._types is not None:
             self.last_types = self._types.detach()
 
     def end_forward(self) -> None:
         """Stops typing forwards (called before the backward and at the end of the batch)."""
-        self._batch, self._resolver, self._types = None, None, None
+        self._batch, self._resolver, self._types, self._coeff = None, None, None, None
 
     def _check(self, types: Tensor) -> Tensor:
         if not isinstance(types, Tensor) or types.dim() != 1 or types.is_floating_point():
@@ -236,25 +241,33 @@ class LoRAMoEContext:
                 "row the layers see"
             )
         if self._types.device != device:
-            self._types = self._types.to(device)
+            self._types, self._coeff = self._types.to(device), None
         return self._types
+
+    def coefficients(self, types: Tensor) -> Tensor:
+        """``I`` for the current step's ``types``, computed once and shared by every layer."""
+        if self._coeff is None or self._coeff.shape[1] != types.numel() or self._coeff.device != types.device:
+            self._coeff = coefficient_matrix(types, self.expert_groups.to(types.device), self.delta)
+        return self._coeff
 
     # ---- the constraint and statistics
     def _reset_stats(self) -> None:
         self._loss_sum: Tensor | None = None
         self._share_sum: Tensor | None = None
         self._count: Tensor | None = None
-        self._layers = 0
 
     def balance(self, output: Tensor, weights: Tensor, types: Tensor) -> Tensor:
         """Computes one layer's term from its router ``weights`` and attaches it to ``output``."""
-        groups = self.expert_groups.to(weights.device)
         q = importance(weights)
         out = output
         if self.balance_weight > 0:
-            term = self.balance_weight * localized_balancing_loss(q, types, groups, self.delta)
+            # = beta * localized_balancing_loss(q, types, groups, delta), with I shared by the layers
+            with torch.autocast(device_type=q.device.type, enabled=False):
+                term = self.balance_weight * cv_squared(self.coefficients(types) * q)
             out = attach_aux_loss(output, term, self.tracker, None)
             self._loss_sum = term.detach() if self._loss_sum is None else self._loss_sum + term.detach()
+        if not self.collect_stats:
+            return out
         with torch.no_grad():
             tokens = weights[0].numel() // weights.shape[-1]
             share = q.t() / tokens  # (batch, experts): mean router weight of each sample
@@ -265,7 +278,6 @@ class LoRAMoEContext:
                 self._share_sum, self._count = share_sum, count
             else:
                 self._share_sum, self._count = self._share_sum + share_sum, self._count + count
-        self._layers += 1
         return out
 
     def pop_stats(self) -> dict[str, Tensor]:
@@ -404,23 +416,35 @@ class LoRAMoELinear(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------- injection
-def resolve_ffn_targets(model: nn.Module, targets: Sequence[str] | None, exclude: Sequence[str] = ()
-                        ) -> dict[str, nn.Linear]:
-    """The linear layers to equip: ``targets`` patterns, or the FFN preset that matches ``model``."""
+def resolve_ffn_patterns(model: nn.Module, targets: Sequence[str] | None) -> list[str]:
+    """The target patterns: ``targets``, or the first FFN preset whose every pattern names a module
+    of ``model`` (a wrapper another injection put on an FFN layer counts, so that the conflict is
+    reported as such and not as a model without FFN layers)."""
     if targets is not None:
-        return find_linear_layers(model, list(targets), exclude=exclude)
+        return [targets] if isinstance(targets, str) else list(targets)
+    names = [n for n, _ in model.named_modules() if n]
     for preset in FFN_PRESETS.values():
-        try:
-            return find_linear_layers(model, preset, exclude=exclude)
-        except ValueError:
-            continue
-    names = linear_layer_names(model)
-    shown = ", ".join(names[:40]) + (f", ... ({len(names)} in all)" if len(names) > 40 else "")
+        if all(any(re.search(p, n) for n in names) for p in preset):
+            return list(preset)
+    linear = linear_layer_names(model)
+    shown = ", ".join(linear[:40]) + (f", ... ({len(linear)} in all)" if len(linear) > 40 else "")
     raise ValueError(
         f"LoRAMoE found no feed-forward layers of a timm ViT (mlp.fc1 / mlp.fc2) or a BERT-style encoder "
         f"(intermediate.dense / output.dense) in {type(model).__name__}: pass targets= (regular expressions of the "
         f"FFN linear layers). Its linear layers are: {shown or 'none'}"
     )
+
+
+def resolve_ffn_targets(model: nn.Module, targets: Sequence[str] | None, exclude: Sequence[str] = (),
+                        occupied: Mapping[str, Iterable[str]] | None = None) -> dict[str, nn.Linear]:
+    """The linear layers to equip: ``targets`` patterns, or the FFN preset that matches ``model``.
+
+    Raises when a target is already adapted by another injection (see
+    :func:`cl_plugins.peft.lora.check_not_adapted`; ``occupied``: injection key -> module names).
+    """
+    patterns = resolve_ffn_patterns(model, targets)
+    check_not_adapted(model, patterns, "LoRAMoE", occupied)
+    return find_linear_layers(model, patterns, exclude=exclude)
 
 
 def inject_loramoe(
@@ -432,15 +456,14 @@ def inject_loramoe(
     dropout: float = DEFAULT_DROPOUT,
     exclude: Sequence[str] = (),
     per_expert_dropout: bool = False,
+    occupied: Mapping[str, Iterable[str]] | None = None,
 ) -> list[str]:
     """Replaces the target linear layers of ``model`` with :class:`LoRAMoELinear` sharing ``context``.
 
     Returns the qualified names of the trainable new modules (``<layer>.router``, ``<layer>.experts``).
+    A target that another adapter (LoRA, PEGO, L2M, an earlier LoRAMoE) already wraps is refused.
     """
-    layers = resolve_ffn_targets(model, targets, exclude)
-    already = [n for n, m in layers.items() if isinstance(m, LoRAMoELinear)]
-    if already:
-        raise ValueError(f"layers {already[:3]} already carry LoRAMoE experts")
+    layers = resolve_ffn_targets(model, targets, exclude, occupied)
     new: list[str] = []
     for name, layer in layers.items():
         moe = LoRAMoELinear(layer, context.num_experts, rank, alpha, dropout, context.expert_groups, context,
