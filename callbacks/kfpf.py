@@ -9,15 +9,26 @@ any method (e.g. after experience replay).
 
 Interaction with :class:`callbacks.replay.ExperienceReplay`: ER extends the batch in place in
 ``on_train_batch_start``. k-FPF keeps the batch it sees in its own ``on_train_batch_start`` and
-inserts only those samples, so it must come *before* ER in ``callbacks=[...]``; ``setup`` raises
-an error otherwise. The logits for k-FPF-KD are the first rows of the training forward's output,
-which are the current samples when ER appends its samples after them.
+inserts (own buffer) and counts (compute ledger) only those samples, so it must come *before* ER
+in ``callbacks=[...]``; ``setup`` raises an error otherwise. The logits for k-FPF-KD are the first
+rows of the training forward's output, which are the current samples when ER appends its samples
+after them.
+
+Whose buffer (``buffer_from``): FPF "on top of" a replay method fine-tunes on *that method's*
+buffer (Zhao et al.), so :class:`FPF` by default (``"auto"``) reads the buffer of the
+``ExperienceReplay`` callback of the same trainer when there is one, and holds no buffer of its
+own: FPF after ER keeps the memory of ER alone. It draws its phase batches from that buffer with a
+private generator, so ER's reservoir and replay draws are the same with or without FPF. The shared
+buffer is saved in the checkpoint by its owner (ER); k-FPF saves only its generator. k-FPF-KD
+needs the logits stored at insertion, which ER's buffer does not hold, so it cannot share
+(``buffer_from="replay"`` with ``variant="kd"`` raises; ``"auto"`` then builds its own buffer).
+:class:`KFPF` defaults to its own buffer (``"own"``): k-FPF itself has no every-step replay.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import lightning.pytorch as pl
 import torch
@@ -42,6 +53,11 @@ from cl_plugins.kfpf.sensitivity import SensitivityTracker, parameter_groups
 
 #: FPF learning rate when none is given and the main optimizer's cannot be read (our choice)
 DEFAULT_FPF_LR = 0.05
+#: capacity of k-FPF's own buffer when ``buffer_size`` is not given (the mammoth norm: 200, 500, 5120)
+DEFAULT_BUFFER_SIZE = 500
+
+#: where the phases' buffer comes from (see the module docstring)
+BufferSource = Literal["auto", "own", "replay"]
 
 
 class KFPF(ContinualCallback):
@@ -52,7 +68,14 @@ class KFPF(ContinualCallback):
             optimizer steps, ``N`` counted from the datamodule (experience sizes, batch size, world
             size, epochs per experience, ``accumulate_grad_batches``, ``limit_train_batches``).
         iterations: ``M``, SGD iterations per phase.
-        buffer_size: reservoir capacity (per rank under DDP).
+        buffer_size: capacity of k-FPF's own reservoir (per rank under DDP; default
+            ``DEFAULT_BUFFER_SIZE``). With a shared buffer the capacity is the owner's: leave it
+            unset (a different value raises).
+        buffer_from: ``"own"`` (default for ``KFPF``): a reservoir of k-FPF's own, filled with the
+            batches it sees; ``"replay"``: the buffer of the trainer's
+            :class:`~callbacks.replay.ExperienceReplay` callback, read only (CE variant only);
+            ``"auto"`` (default for :class:`FPF`): ``"replay"`` when the trainer has an
+            ``ExperienceReplay`` callback and the variant is ``"ce"``, else ``"own"``.
         batch_size: buffer batch size of a phase iteration.
         variant: ``"ce"`` (k-FPF-CE: cross-entropy on buffer batches) or ``"kd"`` (k-FPF-KD: plus
             ``alpha * MSE`` to the logits stored at insertion, as in DER).
@@ -72,6 +95,9 @@ class KFPF(ContinualCallback):
             modules, only the ``"selected"`` ones, or ``"off"``; logged as
             ``kfpf/sensitivity/<module>`` and kept in :attr:`sensitivity.history`.
         transform: applied to buffer inputs (on device) in phases, e.g. training augmentation.
+            The buffer holds the inputs as the training step saw them (see below), so with a
+            stream that already augments (``augment=True``) this augments a second time; ``setup``
+            warns then.
         total_steps: override ``N`` (the whole stream's optimizer steps).
         logits_module: qualified name of the submodule whose forward output are the logits stored
             for ``"kd"`` (default: the LightningModule's own forward).
@@ -87,13 +113,27 @@ class KFPF(ContinualCallback):
     its own buffer over its shard; gradients of the fine-tuned parameters are averaged across ranks
     at every phase step and the re-estimated running statistics at the end of a phase. A checkpoint
     holds rank zero's state.
+
+    What the buffer holds: the inputs ``x`` exactly as the training batch delivers them, i.e.
+    after the dataset's transforms. When the stream augments per sample in the dataset (e.g.
+    ``SplitCIFAR10(augment=True)``), a buffer row is the one augmented view the training step saw,
+    not the raw image: a callback sees only the delivered batch. DER (and the METHODS notes, 1(c))
+    store the raw image and re-augment at replay; here a phase replays the stored view, as this
+    library's ``ExperienceReplay`` does, unless ``transform`` is given, which is then applied on
+    top of the stored augmentation (a warning at ``setup`` says so when the stream has
+    ``augment=True``). For DER's behaviour, build the stream without augmentation and pass the
+    augmentation both to the model's training (e.g. in ``training_step``) and as ``transform``.
+
+    Sensitivity scores measure the main training's dynamics: the change that a phase makes is
+    left out of them (a phase on an epoch's last step runs after that epoch is scored, and a
+    phase inside an epoch shifts the reference snapshot by its own change).
     """
 
     def __init__(
         self,
         k: int = 2,
         iterations: int = 175,
-        buffer_size: int = 500,
+        buffer_size: int | None = None,
         batch_size: int = 32,
         variant: Literal["ce", "kd"] = "ce",
         alpha: float = 0.5,
@@ -113,26 +153,41 @@ class KFPF(ContinualCallback):
         total_steps: int | None = None,
         logits_module: str | None = None,
         seed: int = 0,
+        buffer_from: BufferSource = "own",
     ) -> None:
         super().__init__()
         if k < 1:
-            raise ValueError(f"k must be >= 1 (number of FPF phases), got {k}")
+            raise ValueError(f"k (the number of FPF phases over the stream) must be >= 1, got {k}")
         if iterations < 1:
             raise ValueError(f"iterations (M) must be >= 1, got {iterations}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if variant not in ("ce", "kd"):
             raise ValueError(f"variant must be 'ce' (k-FPF-CE) or 'kd' (k-FPF-KD), got {variant!r}")
+        if buffer_from not in get_args(BufferSource):
+            raise ValueError(f"buffer_from must be one of {get_args(BufferSource)}, got {buffer_from!r}")
+        if buffer_from == "replay" and variant == "kd":
+            raise ValueError(
+                "buffer_from='replay' cannot be used with variant='kd': k-FPF-KD matches the logits stored "
+                "with each buffer sample, and ExperienceReplay's buffer stores none. Use variant='ce' to "
+                "fine-tune on the replay buffer, or buffer_from='own' for a buffer of k-FPF's own with logits"
+            )
+        if buffer_size is not None and buffer_size < 1:
+            raise ValueError(f"buffer_size must be >= 1, got {buffer_size}")
         if sensitivity not in ("all", "selected", "off"):
             raise ValueError(f"sensitivity must be 'all', 'selected' or 'off', got {sensitivity!r}")
         if lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {lr_schedule!r}")
-        if lr is not None and lr <= 0:
-            raise ValueError(f"lr must be > 0, got {lr}")
+        if lr is not None and not lr > 0:
+            raise ValueError(f"lr (the FPF phases' learning rate) must be > 0, or None for the main optimizer's; "
+                             f"got {lr}")
         if total_steps is not None and total_steps < k:
             raise ValueError(f"total_steps={total_steps} leaves no room for k={k} phases")
         self.k, self.iterations, self.batch_size = k, iterations, batch_size
-        self.buffer_size, self.variant, self.alpha = buffer_size, variant, float(alpha)
+        self.buffer_size = buffer_size if buffer_size is not None else DEFAULT_BUFFER_SIZE
+        self._buffer_size_given = buffer_size is not None
+        self.buffer_from: BufferSource = buffer_from
+        self.variant, self.alpha = variant, float(alpha)
         self.lr, self.momentum, self.weight_decay = lr, momentum, weight_decay
         self.lr_schedule = lr_schedule
         self.at_end = at_end
@@ -145,7 +200,17 @@ class KFPF(ContinualCallback):
         self.logits_module = logits_module
         self.seed = seed
 
-        self.buffer = ReservoirBuffer(buffer_size, seed=seed, store_logits=variant == "kd")
+        #: k-FPF's own buffer (``None`` while the buffer is shared or not chosen yet, see :attr:`buffer`)
+        self.own_buffer: ReservoirBuffer | None = None
+        #: the ExperienceReplay callback whose buffer is shared, when sharing
+        self.replay: ExperienceReplay | None = None
+        #: the resolved source, ``"own"`` or ``"replay"`` (``None`` until ``setup`` for ``"auto"``)
+        self.buffer_source: Literal["own", "replay"] | None = None
+        #: draws phase batches from a shared buffer (the owner's generator stays untouched)
+        self._sample_generator: torch.Generator | None = None
+        if buffer_from == "own":
+            self.own_buffer = self._new_own_buffer(seed)
+            self.buffer_source = "own"
         self._rank_seeded = False
         self.sensitivity = SensitivityTracker({})
         self.ledger = ComputeLedger()
@@ -170,6 +235,29 @@ class KFPF(ContinualCallback):
     def state_key(self) -> str:
         return self._generate_state_key(k=self.k, variant=self.variant, at_end=self.at_end)
 
+    @property
+    def buffer(self) -> ReservoirBuffer:
+        """The buffer the phases draw from: k-FPF's own, or the shared ``ExperienceReplay`` one."""
+        if self.buffer_source == "replay":
+            if self.replay is None:
+                raise RuntimeError(f"{type(self).__name__} shares ExperienceReplay's buffer, which it finds when the "
+                                   "Trainer sets it up: read .buffer after trainer.fit has started")
+            return self.replay.buffer
+        if self.own_buffer is None:
+            raise RuntimeError(
+                f"{type(self).__name__}(buffer_from={self.buffer_from!r}) chooses its buffer when the Trainer sets "
+                "it up (own, or the ExperienceReplay callback's): read .buffer after trainer.fit has started"
+            )
+        return self.own_buffer
+
+    @property
+    def shares_buffer(self) -> bool:
+        """Whether the phases read the ``ExperienceReplay`` callback's buffer (and k-FPF holds none)."""
+        return self.buffer_source == "replay"
+
+    def _new_own_buffer(self, seed: int) -> ReservoirBuffer:
+        return ReservoirBuffer(self.buffer_size, seed=seed, store_logits=self.variant == "kd")
+
     # ------------------------------------------------------------------ setup
     def _check_callback_order(self, trainer: pl.Trainer) -> None:
         for cb in trainer.callbacks:
@@ -179,19 +267,88 @@ class KFPF(ContinualCallback):
                 raise ValueError(
                     f"{type(self).__name__} must come before {type(cb).__name__} in Trainer(callbacks=[...]): "
                     f"{type(cb).__name__} appends buffer samples to the batch in on_train_batch_start, and "
-                    f"{type(self).__name__} must see the original batch there to insert only current samples. "
+                    f"{type(self).__name__} must see the original batch there to insert (own buffer) and count "
+                    f"(compute ledger) only current samples. "
                     f"Use callbacks=[{type(self).__name__}(...), {type(cb).__name__}(...), ...]"
                 )
+
+    def _resolve_buffer(self, trainer: pl.Trainer) -> None:
+        """Chooses the phases' buffer (``buffer_from``) and builds what it needs, seeded per rank."""
+        replays = [cb for cb in trainer.callbacks if isinstance(cb, ExperienceReplay)]
+        source = self.buffer_from
+        name = type(self).__name__
+        if source == "auto":
+            if replays and self.variant == "kd":
+                rank_zero_warn(
+                    f"{name}(variant='kd') cannot fine-tune on ExperienceReplay's buffer (it stores no logits), so "
+                    f"it keeps a buffer of its own ({self.buffer_size} samples) next to ER's: twice the memory. "
+                    "Use variant='ce' to share ER's buffer, or buffer_from='own' to silence this warning",
+                    category=UserWarning,
+                )
+                source = "own"
+            else:
+                source = "replay" if replays else "own"
+        if source == "replay":
+            if not replays:
+                raise ValueError(
+                    f"{name}(buffer_from='replay') needs an ExperienceReplay callback in Trainer(callbacks=[...]) to "
+                    "read its buffer, and there is none: add ExperienceReplay(...), or use buffer_from='own' "
+                    "(a buffer of its own)"
+                )
+            if len(replays) > 1:
+                raise ValueError(
+                    f"{name}(buffer_from={self.buffer_from!r}) found {len(replays)} ExperienceReplay callbacks and "
+                    "cannot tell whose buffer to read: keep one, or use buffer_from='own'"
+                )
+            replay = replays[0]
+            if self._buffer_size_given and self.buffer_size != replay.buffer_size:
+                raise ValueError(
+                    f"{name} shares ExperienceReplay's buffer ({replay.buffer_size} samples), but buffer_size="
+                    f"{self.buffer_size} was given: drop buffer_size (a shared buffer has its owner's size), or "
+                    "pass buffer_from='own' for a separate buffer of that size"
+                )
+            if self.own_buffer is not None and self.own_buffer.num_seen > 0:
+                raise ValueError(
+                    f"{name} already filled a buffer of its own ({self.own_buffer.num_seen} samples seen) and would "
+                    "now read ExperienceReplay's: pass buffer_from='own' to keep its buffer across fits"
+                )
+            self.replay, self.own_buffer = replay, None
+            if not self._rank_seeded or self._sample_generator is None:
+                self._sample_generator = torch.Generator().manual_seed(self.seed + trainer.global_rank)
+        else:
+            if self.buffer_source == "replay":
+                raise ValueError(
+                    f"{name} used ExperienceReplay's buffer before (an earlier fit, or the loaded state), and this "
+                    "trainer has none to share: keep the ExperienceReplay callback in every fit, or use "
+                    "buffer_from='own' from the start"
+                )
+            self.replay = None
+            if self.own_buffer is None or (not self._rank_seeded and self.own_buffer.num_seen == 0):
+                self.own_buffer = self._new_own_buffer(self.seed + trainer.global_rank)
+        self.buffer_source = source
+        self._rank_seeded = True
+
+    def _warn_double_augmentation(self, trainer: pl.Trainer) -> None:
+        """A warning, not an error: a ``transform`` on top of the stream's augmentation can be meant
+        (a stronger recipe, or a transform that is no augmentation), but by default it is a mistake."""
+        dm = self.stream(trainer)
+        if self.transform is not None and getattr(dm, "augment", False) is True:
+            rank_zero_warn(
+                f"{type(self).__name__}(transform=...) is applied to buffer samples, but the stream "
+                f"{type(dm).__name__} was built with augment=True: the buffer holds the augmented views the "
+                "training steps saw, so phase batches are augmented twice. Pass transform=None to replay the "
+                "stored views (as ExperienceReplay does), or build the stream with augment=False if the "
+                "transform is meant to be the only augmentation of replayed samples",
+                category=UserWarning,
+            )
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
         self.stream(trainer)
         self._check_callback_order(trainer)
-        if not self._rank_seeded and self.buffer.num_seen == 0:
-            self.buffer = ReservoirBuffer(self.buffer_size, seed=self.seed + trainer.global_rank,
-                                          store_logits=self.variant == "kd")
-            self._rank_seeded = True
+        self._resolve_buffer(trainer)
+        self._warn_double_augmentation(trainer)
         self.selection = select_modules(pl_module, **self.selection_kwargs)
         if self.sensitivity_scope == "all":
             self.sensitivity.groups = parameter_groups(pl_module)
@@ -199,7 +356,8 @@ class KFPF(ContinualCallback):
             self.sensitivity.groups = parameter_groups(pl_module, self.selection.params.values())
         if self.variant == "kd":
             self._register_logits_hook(pl_module)
-        rank_zero_info(f"k-FPF fine-tunes {self.selection.describe()}")
+        where = "ExperienceReplay's buffer (shared)" if self.shares_buffer else f"its own buffer of {self.buffer_size}"
+        rank_zero_info(f"k-FPF fine-tunes {self.selection.describe()} on {where}")
 
     def _register_logits_hook(self, pl_module: pl.LightningModule) -> None:
         if self._hook is not None:
@@ -304,18 +462,19 @@ class KFPF(ContinualCallback):
             raise RuntimeError(f"{type(self).__name__}.on_train_batch_end ran without on_train_batch_start")
         x, y, t = self._current
         self._current = None
-        self._insert(x, y, t)
+        if not self.shares_buffer:  # a shared buffer is filled by its owner
+            self._insert(x, y, t)
         self.ledger.train_samples += int(y.shape[0])
 
         if trainer.global_step > self._last_global_step:
             self.steps += trainer.global_step - self._last_global_step
         self._last_global_step = trainer.global_step
+        if batch_idx + 1 == trainer.num_training_batches:
+            # score the epoch's training before a phase that runs on its last step changes the model
+            self._score_epoch(trainer, pl_module)
         while self.phases_done < len(self.schedule) and self.steps >= self.schedule[self.phases_done]:
             result = self.run_phase(trainer, pl_module)
             pl_module.log("kfpf/phase_loss", result.mean_loss, on_step=True, on_epoch=False, batch_size=1)
-
-        if batch_idx + 1 == trainer.num_training_batches:
-            self._epoch_end_logs(trainer, pl_module)
 
     def _insert(self, x: Tensor, y: Tensor, t: Tensor) -> None:
         logits = None
@@ -337,7 +496,8 @@ class KFPF(ContinualCallback):
             logits = out[: y.shape[0]]
         self.buffer.add(x, y, t, logits=logits)
 
-    def _epoch_end_logs(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def _score_epoch(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Sensitivity scores of the epoch (once per epoch), logged as ``kfpf/sensitivity/<group>``."""
         epoch = trainer.current_epoch
         if self._scored_epoch == epoch:
             return
@@ -346,14 +506,19 @@ class KFPF(ContinualCallback):
             experience = self.stream(trainer).experience_at_epoch(epoch)
             for group, score in self.sensitivity.update(epoch, experience).items():
                 pl_module.log(f"kfpf/sensitivity/{group}", score, on_step=False, on_epoch=True, batch_size=1)
+
+    def _log_ledger(self, pl_module: pl.LightningModule) -> None:
+        """The compute ledger so far (phases of this epoch included)."""
         report = self.ledger.report()
         for key in ("fpf_iterations", "fpf_share", "fpf_vs_replay"):
             pl_module.log(f"kfpf/{key}", report[key], on_step=False, on_epoch=True, batch_size=1)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # loaders without a length: the last batch was not recognised, score here instead
+        # loaders without a length: the last batch was not recognised, score here instead (after any
+        # phase of the last step, whose change the snapshot shift of run_phase leaves out anyway)
         if self._scored_epoch != trainer.current_epoch:
-            self._epoch_end_logs(trainer, pl_module)
+            self._score_epoch(trainer, pl_module)
+        self._log_ledger(pl_module)
         super().on_train_epoch_end(trainer, pl_module)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -387,13 +552,18 @@ class KFPF(ContinualCallback):
         only, under the trainer's precision; the main optimizer and scheduler are not touched."""
         if self.selection is None:
             raise RuntimeError(f"{type(self).__name__} has no module selection: it was not set up by a Trainer")
-        if len(self.buffer) == 0:
-            raise RuntimeError("k-FPF phase with an empty buffer: no training batch was inserted before it")
+        buffer = self.buffer
+        if len(buffer) == 0:
+            whose = "ExperienceReplay's shared buffer is" if self.shares_buffer else "its buffer is"
+            raise RuntimeError(
+                f"{type(self).__name__} cannot run a phase: {whose} empty (no training batch was inserted before "
+                "the phase). Phases run after training steps; call run_phase only once training has started"
+            )
         device = pl_module.device
         lr = self._main_lr(trainer)
 
         def sample() -> dict[str, Tensor]:
-            b = self.buffer.sample(self.batch_size, device=device)
+            b = self._draw(buffer, device)
             if self.transform is not None:
                 b["x"] = self.transform(b["x"])
             return b
@@ -405,6 +575,8 @@ class KFPF(ContinualCallback):
         main_scaler = getattr(trainer.precision_plugin, "scaler", None)
         if main_scaler is not None and main_scaler.is_enabled():
             scaler = torch.amp.GradScaler(device.type)
+        watching = self.sensitivity_scope != "off" and bool(self.sensitivity.snapshot)
+        before = self.sensitivity.current() if watching else None
         with torch.enable_grad():
             result = run_fpf_phase(
                 pl_module, self.selection, sample, pl_module, self.iterations, lr,
@@ -413,6 +585,8 @@ class KFPF(ContinualCallback):
                 freeze_norm_stats=self.freeze_norm_stats, autocast=trainer.precision_plugin.forward_context,
                 reduce=reduce, scaler=scaler, lr_schedule=self.lr_schedule,
             )
+        if before is not None:  # the sensitivity scores measure training, not the phase
+            self.sensitivity.exclude_change_since(before)
         self.phases_done += 1
         self.ledger.fpf_phases += 1
         self.ledger.fpf_iterations += result.iterations
@@ -421,14 +595,29 @@ class KFPF(ContinualCallback):
                                "first_loss": result.first_loss, "last_loss": result.last_loss})
         return result
 
+    def _draw(self, buffer: ReservoirBuffer, device: torch.device) -> dict[str, Tensor]:
+        """A phase batch: from k-FPF's own buffer with its generator; from a shared buffer, uniformly
+        without replacement among its filled slots with k-FPF's private generator (the owner's
+        generator, which drives its reservoir and replay draws, is not advanced)."""
+        if not self.shares_buffer:
+            return buffer.sample(self.batch_size, device=device)
+        assert self._sample_generator is not None
+        n = len(buffer)
+        idx = torch.randperm(n, generator=self._sample_generator)[: self.batch_size]
+        return {key: buffer.data[key][idx].to(device) for key in ("x", "y", "t")}
+
     def compute_report(self) -> dict[str, float]:
         """FPF's compute versus training and versus every-step replay (see ``ComputeLedger``)."""
         return self.ledger.report()
 
     # ------------------------------------------------------------------ checkpoint state
     def state_dict(self) -> dict[str, Any]:
+        """k-FPF's state. A shared buffer is saved by its owner (``ExperienceReplay``); only the
+        generator that draws phase batches from it is saved here."""
         return {
-            "buffer": self.buffer.state_dict(),
+            "buffer_source": self.buffer_source,
+            "buffer": self.own_buffer.state_dict() if self.own_buffer is not None else None,
+            "sample_rng": self._sample_generator.get_state() if self._sample_generator is not None else None,
             "rank_seeded": self._rank_seeded,
             "steps": self.steps,
             "phases_done": self.phases_done,
@@ -439,7 +628,26 @@ class KFPF(ContinualCallback):
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.buffer.load_state_dict(state_dict["buffer"])
+        """Restores the state (Lightning calls it after ``setup``, which has chosen the buffer)."""
+        source = state_dict.get("buffer_source", "own")  # checkpoints from before buffer sharing: own
+        if source is None:
+            raise ValueError(f"the checkpoint's {type(self).__name__} state was saved before its buffer was chosen")
+        if self.buffer_source is not None and source != self.buffer_source:
+            described = {"own": "a buffer of its own", "replay": "ExperienceReplay's buffer"}
+            raise ValueError(
+                f"the checkpoint's {type(self).__name__} phases used {described[source]}, but this run uses "
+                f"{described[self.buffer_source]}: resume with buffer_from={source!r} and the same callbacks "
+                "(an ExperienceReplay callback exactly when the checkpoint had one to share)"
+            )
+        if source == "own":
+            if self.own_buffer is None:
+                self.own_buffer = self._new_own_buffer(self.seed)
+            self.own_buffer.load_state_dict(state_dict["buffer"])
+        else:
+            if self._sample_generator is None:
+                self._sample_generator = torch.Generator()
+            self._sample_generator.set_state(state_dict["sample_rng"])
+        self.buffer_source = source
         self._rank_seeded = bool(state_dict.get("rank_seeded", True))
         self.steps = int(state_dict["steps"])
         self.phases_done = int(state_dict["phases_done"])
@@ -455,10 +663,14 @@ class FPF(KFPF):
 
     Same arguments as :class:`KFPF` except ``k`` and ``at_end`` (fixed to 1 and True). The default
     ``iterations=200`` is this library's choice (the paper's could not be verified).
+    ``buffer_from="auto"`` (default): with an ``ExperienceReplay`` callback in the trainer, FPF
+    fine-tunes on ER's buffer, as the paper applies FPF to the buffer of the method it follows, and
+    holds none of its own; without one (FPF on top of a method without a buffer) it fills its own
+    reservoir of ``buffer_size`` samples. ``"replay"`` / ``"own"`` force either.
     """
 
-    def __init__(self, iterations: int = 200, **kwargs: Any) -> None:
+    def __init__(self, iterations: int = 200, buffer_from: BufferSource = "auto", **kwargs: Any) -> None:
         for fixed in ("k", "at_end"):
             if fixed in kwargs:
                 raise TypeError(f"FPF fixes {fixed}; use KFPF(k=..., at_end=...) for periodic phases")
-        super().__init__(k=1, iterations=iterations, at_end=True, **kwargs)
+        super().__init__(k=1, iterations=iterations, at_end=True, buffer_from=buffer_from, **kwargs)

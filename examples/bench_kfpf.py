@@ -2,7 +2,9 @@
 
 Split-MNIST (5 x 2 classes, class-IL), the small CNN (width 16) of ``configs/default.yaml``, 1 epoch per
 experience, batch 32, SGD lr 0.05 as there; every buffer holds 500 samples.
-Methods: naive, replay (ER), FPF after replay, k-FPF-CE and k-FPF-KD. The table gives final
+Methods: naive, replay (ER), FPF after replay, k-FPF-CE and k-FPF-KD. FPF after replay fine-tunes on
+ER's own buffer (``FPF(buffer_from="replay")``: the same 500 samples, no second buffer), as the paper
+applies FPF to the buffer of the method it follows, so it holds the memory of replay alone. The table gives final
 average accuracy, average forgetting, wall time of ``fit`` and its ratio to naive, FPF
 iterations, and the extra training FLOPs over naive from the cost model of
 :class:`cl_plugins.kfpf.ComputeLedger` (3F per trained sample, replayed ones included; 2F per FPF
@@ -56,8 +58,8 @@ def methods(args: argparse.Namespace) -> dict[str, Callable[[], list[pl.Callback
     return {
         "naive": lambda: [],
         "replay": lambda: [ExperienceReplay(buffer_size=BUFFER)],
-        "FPF after replay": lambda: [
-            FPF(iterations=args.fpf_iterations, buffer_size=BUFFER, lr=args.lr or None, momentum=args.momentum),
+        "FPF after replay": lambda: [  # FPF reads ER's buffer: one buffer of BUFFER samples in all
+            FPF(iterations=args.fpf_iterations, buffer_from="replay", lr=args.lr or None, momentum=args.momentum),
             ExperienceReplay(buffer_size=BUFFER),
         ],
         "k-FPF-CE": lambda: [KFPF(variant="ce", **kfpf)],
@@ -99,6 +101,8 @@ def main() -> None:
             counter = SampleCounter()
             res = run_stream(model, dm, [*callbacks, counter])
             fpf = next((cb for cb in callbacks if isinstance(cb, KFPF)), None)
+            if isinstance(fpf, FPF) and not (fpf.shares_buffer and len(fpf.buffer) <= BUFFER):
+                raise RuntimeError(f"{name}: FPF should have fine-tuned on ER's buffer of {BUFFER} samples")
             report = fpf.compute_report() if fpf is not None else {"fpf_iterations": 0.0, "fpf_samples": 0.0}
             res.update(samples=counter.samples, flops_per_sample=counter.flops_per_sample,
                        fpf_iterations=report["fpf_iterations"], fpf_samples=report["fpf_samples"])
@@ -128,7 +132,9 @@ def main() -> None:
         ])
     table = markdown_table(header, rows)
     settings = (f"k={args.k}, M={args.iterations}, FPF iterations={args.fpf_iterations}, "
-                f"lr={args.lr or 'main (0.05)'}, momentum={args.momentum}, alpha={args.alpha}, buffer {BUFFER}")
+                f"lr={args.lr or 'main (0.05)'}, momentum={args.momentum}, alpha={args.alpha}, buffer {BUFFER}; "
+                f"FPF after replay fine-tunes on replay's buffer (shared: the same {BUFFER} samples, no buffer "
+                "of its own)")
     print(table)
     print(settings)
     if args.markdown:

@@ -149,7 +149,7 @@ def test_fpf_after_replay_needs_its_place_and_helps():
     with pytest.raises(ValueError, match="must come before ExperienceReplay"):
         _fit([ExperienceReplay(buffer_size=50), FPF(buffer_size=50)], epochs=1)
     acc_er, _, _ = _fit([ExperienceReplay(buffer_size=200)])
-    fpf = FPF(iterations=100, buffer_size=200, variant="kd")
+    fpf = FPF(iterations=100, buffer_size=200, variant="kd", buffer_from="own")  # KD: a buffer with logits
     acc_fpf, trainer, _ = _fit([fpf, ExperienceReplay(buffer_size=200)])
     assert fpf.schedule == [135] and fpf.phases_done == 1
     assert fpf.buffer.num_seen == 3 * 1348  # only the current samples, not the replayed ones

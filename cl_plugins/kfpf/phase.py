@@ -84,8 +84,19 @@ def fpf_loss(logits: Tensor, targets: Tensor, ce_logits: Tensor | None = None,
     logit matching on the raw, unmasked logits). ``ce_logits`` defaults to ``logits`` (task-IL
     passes the task-masked logits). Computed in float32."""
     ce = F.cross_entropy((logits if ce_logits is None else ce_logits).float(), targets)
-    if stored_logits is None or alpha == 0.0:
+    if alpha == 0.0:
         return ce
+    if stored_logits is None:
+        raise ValueError(
+            f"k-FPF-KD (alpha={alpha}) matches the logits stored with each buffer sample, but the buffer batch has "
+            "none: use a buffer that stores logits (ReservoirBuffer(store_logits=True); KFPF(variant='kd') builds "
+            "one), or alpha=0 for k-FPF-CE"
+        )
+    if stored_logits.shape != logits.shape:
+        raise ValueError(
+            f"k-FPF-KD: stored logits {tuple(stored_logits.shape)} and the model's logits {tuple(logits.shape)} "
+            "differ in shape: the head's outputs must not change while the buffer holds logits"
+        )
     return ce + alpha * F.mse_loss(logits.float(), stored_logits.float())
 
 
@@ -199,7 +210,8 @@ def run_fpf_phase(
             loss = fpf_loss(logits, batch["y"], ce_logits, batch.get("logits"), alpha)
             if not torch.isfinite(loss):
                 raise FloatingPointError(
-                    f"FPF loss is {loss.item()}: lower the FPF learning rate (lr=) or alpha"
+                    f"the FPF phase's loss is {loss.item()} at iteration {it + 1} of {iterations}: lower the FPF "
+                    "learning rate (lr=) or alpha, and check the buffer inputs and the model for non-finite values"
                 )
             opt.zero_grad(set_to_none=True)
             (scaler.scale(loss) if scaler is not None else loss).backward()

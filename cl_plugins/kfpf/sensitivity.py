@@ -77,6 +77,23 @@ class SensitivityTracker:
         """Copies every watched tensor to float32 CPU memory."""
         self.snapshot = {g: [t.detach().float().cpu().clone() for t in ts] for g, ts in self.groups.items()}
 
+    def current(self) -> dict[str, list[Tensor]]:
+        """Float32 CPU copies of every watched tensor now (the ``before`` of :meth:`exclude_change_since`)."""
+        return {g: [t.detach().float().cpu().clone() for t in ts] for g, ts in self.groups.items()}
+
+    def exclude_change_since(self, before: dict[str, list[Tensor]]) -> None:
+        """Shifts the snapshot by each watched tensor's change since ``before``, so that the next
+        :meth:`update` scores everything but that change (k-FPF: the phases' own updates, so that
+        the scores keep measuring the main training). No-op before the first snapshot."""
+        if not self.snapshot:
+            return
+        for g, ts in self.groups.items():
+            prev, old = self.snapshot.get(g), before.get(g)
+            if prev is None or old is None:
+                continue
+            for ref, now, then in zip(prev, ts, old):
+                ref.add_(now.detach().float().cpu() - then)
+
     def update(self, epoch: int, experience: int | None = None) -> dict[str, float]:
         """Scores each group against the snapshot, records the scores and re-snapshots.
 
