@@ -54,9 +54,10 @@ class DRTune(ContinualCallback):
 
     Args:
         dr_weight: ``lambda`` of ``L_CE + lambda * L_DR``. ``None`` (default): ``K / B``, the official
-            code's implicit weight (``K``: bank size, ``B``: rows of the global batch); the official
-            run then corresponds to learning rates multiplied by ``B / (B + K)``
-            (see :mod:`cl_plugins.drtune.regularizer`).
+            code's implicit weight, with ``K`` the filled bank rows that enter ``L_DR`` in the step
+            (the bank size once it is full, as always in the official code after its warm-up) and
+            ``B`` the rows of the global batch; the official run then corresponds to learning rates
+            multiplied by ``B / (B + K)`` (see :mod:`cl_plugins.drtune.regularizer`, "Which K").
         bank_size: ``K`` (official: 2048).
         bank_mode: ``"class_balanced"`` (default, our choice for streams: ``K // C`` slots per class,
             old classes stay represented) or ``"fifo"`` (the official queue).
@@ -131,7 +132,11 @@ class DRTune(ContinualCallback):
         try:
             root = pl_module.get_submodule(self.encoder)
         except AttributeError as err:
-            raise ValueError(f"encoder={self.encoder!r} is not a submodule of {type(pl_module).__name__}") from err
+            raise ValueError(
+                f"encoder={self.encoder!r} is not a submodule of {type(pl_module).__name__}: name the submodule "
+                "that the training_step calls with the input (its top-level submodules: "
+                f"{[n for n, _ in pl_module.named_children()]}), or leave encoder=None for self(x)"
+            ) from err
         prefix = self.encoder + "."
         if not full_name.startswith(prefix):
             raise ValueError(f"the head {full_name} is not inside encoder={self.encoder!r}: name a submodule that "

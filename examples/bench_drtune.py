@@ -9,11 +9,26 @@ at 1e-2, and at 3e-3 without gradient clipping, fine-tuning this backbone on 16-
 diverged), with the BatchNorm statistics kept at their ImageNet values (``--freeze-bn-stats``:
 batches of 16 images from 2 classes re-estimate them badly, and evaluation then fails); DR-Tune
 adds its distribution regularization, one row per ``lambda`` of ``--dr-weights`` (default 1;
-``K/B`` gives the official code's implicit weight, 400/16 = 25 here, which the official code pairs
-with learning rates divided by ``(B + K) / B``; at an unchanged learning rate it drowned the task
-loss in a trial run: every task stayed at chance), with a class-balanced bank and the official
+``K/B`` gives the official code's implicit weight, with ``K`` the filled bank rows that enter the
+DR term: the class-balanced bank fills as classes arrive, 80/16 = 5 once the first experience's 2
+classes fill their 40 rows each, up to 400/16 = 25 once all 10 classes are in (the official code
+pairs it with learning rates divided by ``(B + K) / B``; at an unchanged learning rate, with ``K``
+then counted as the capacity 400, it drowned the task loss in a trial run: every task stayed at
+chance), with a class-balanced bank and the official
 rotation interval. Task-incremental by default: in class-IL with no replay every method here
 ends at about one task's accuracy (the head keeps only the newest classes).
+
+Dropout and DR-Tune's features: this backbone applies dropout (p = 0.2) to the pooled features
+before its head (``EfficientNetLite.forward``), and DR-Tune reads the downstream features ``f_d``
+as the head's input, i.e. *after* dropout. During training steps ``f_d`` is therefore
+dropout-noised (a fifth of the units zeroed, the rest scaled by 1.25, so its norm is about 1.1x
+the clean one): the downstream rows written to the bank, the class centres and Procrustes fits
+built from them, and the scale ``s`` of ``z~`` all see the noised features. The pretrained
+features ``f_p`` (frozen copy, eval mode) and the warm-up's ``f_d`` (eval mode) have none. The
+official ResNet-50 has no dropout before its head, so this differs from that setup. It is kept:
+reading the features before the dropout would need DR-Tune to take its features at another module
+than the head's input (it does not), and removing the dropout would change the vanilla baseline
+too. The run's printed notes say so.
 
 Columns: final average accuracy, average forgetting, BWT, wall time of ``fit`` and its ratio to
 vanilla fine-tuning. Mean ± std over ``--seeds``; ``--markdown PATH`` writes the table.
@@ -45,7 +60,7 @@ def methods(args: argparse.Namespace) -> dict[str, Callable[[], list[pl.Callback
     out: dict[str, Callable[[], list[pl.Callback]]] = {"vanilla fine-tuning": lambda: []}
     for w in args.dr_weights:
         weight = None if w == "K/B" else float(w)
-        label = f"K/B = {args.bank_size}/{args.batch_size}" if weight is None else f"{weight:g}"
+        label = f"K/B, K filled rows <= {args.bank_size}, B {args.batch_size}" if weight is None else f"{weight:g}"
         out[f"DR-Tune (lambda {label})"] = lambda weight=weight: [DRTune(dr_weight=weight, bank_size=args.bank_size)]
     return out
 
@@ -61,7 +76,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=0.001)
     parser.add_argument("--dr-weights", nargs="+", default=["1"],
-                        help="DR-Tune's lambda, one row each; K/B: the official code's implicit weight")
+                        help="DR-Tune's lambda, one row each; K/B: the official code's implicit weight "
+                             "(K: the filled bank rows of the step)")
     parser.add_argument("--bank-size", type=int, default=400, help="DR-Tune's K (class-balanced: K/10 per class)")
     parser.add_argument("--freeze-bn-stats", action=argparse.BooleanOptionalAction, default=True,
                         help="keep BatchNorm statistics at their ImageNet values (batches of 16 from 2 classes)")
@@ -98,7 +114,10 @@ def main() -> None:
                 f"{args.train_per_class} train / {args.test_per_class} test images per class, "
                 f"{args.image_size}px, {args.epochs} epochs per experience, batch {args.batch_size}, "
                 f"SGD lr {args.lr} momentum 0.9 wd 1e-4; DR-Tune K {args.bank_size} "
-                f"(class-balanced), rotation every 10 steps (cached); seeds {args.seeds}")
+                f"(class-balanced), rotation every 10 steps (cached); seeds {args.seeds}. Note: DR-Tune's "
+                "downstream features are the head's input, which comes after the backbone's dropout (p 0.2), so "
+                "training-step features (bank rows, class centres, rotation fits, scale) are dropout-noised; the "
+                "pretrained and warm-up features (eval mode) are not")
     print(table)
     print(settings)
     if args.markdown:

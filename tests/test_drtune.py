@@ -4,6 +4,7 @@ under accumulation, bf16, task-IL, one fit per experience, checkpoint/resume and
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -175,7 +176,7 @@ def test_checkpoint_resume_restores_bank_rotation_and_frozen_encoder_exactly(tmp
 
 
 DDP_SCRIPT = """
-import json, os
+import json, os, sys
 import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
@@ -206,6 +207,9 @@ class Compare(pl.Callback):
             counts=bank.class_counts().tolist(), step=int(dr.regularizer.step), global_step=trainer.global_step,
             stamps=sorted(set(bank.stamp[bank.valid].tolist())),
             dr_loss=float(trainer.callback_metrics["drtune/dr_loss_epoch"]),
+            bank_dtype=str(bank.pre.dtype), has_rotation=bool(dr.regularizer.has_rotation),
+            rotation_orthogonality=float((dr.regularizer.rotation @ dr.regularizer.rotation.T
+                                          - torch.eye(bank.dim)).abs().max()),
         )
 
 
@@ -216,7 +220,7 @@ if __name__ == "__main__":
     compare = Compare()
     trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                         limit_train_batches=3, limit_val_batches=1,
+                         limit_train_batches=3, limit_val_batches=1, precision=sys.argv[1],
                          callbacks=[DRTune(dr_weight=1.0, bank_size=200, rotation_interval=2), compare])
     trainer.fit(model, datamodule=dm)
     if trainer.global_rank == 0:
@@ -225,14 +229,17 @@ if __name__ == "__main__":
 """
 
 
-def test_ddp_ranks_hold_identical_banks(tmp_path):
-    res = run_script(DDP_SCRIPT, tmp_path, timeout=300)
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_ddp_ranks_hold_identical_banks(precision, tmp_path):
+    res = run_script(DDP_SCRIPT, tmp_path, timeout=300, args=[precision])
     assert res["shards_differ"], "each rank trains on its own shard"
     assert res["bank_diff"] == 0.0 and res["param_diff"] == 0.0, res
     # 5 experiences x 3 steps; every class got rows from both ranks' gathered batches
     assert res["step"] == res["global_step"] == 15
     assert all(c > 0 for c in res["counts"]) and res["stamps"] == [0, 1, 2, 3, 4]
-    assert res["dr_loss"] > 0
+    assert res["dr_loss"] > 0 and math.isfinite(res["dr_loss"])
+    # bank, rotation and calibration stay float32 under bf16 autocast (ARCHITECTURE.md 6)
+    assert res["bank_dtype"] == "torch.float32" and res["has_rotation"] and res["rotation_orthogonality"] < 1e-4
 
 
 @pytest.mark.parametrize("arch", ["timm_vit", "hf_bert"])

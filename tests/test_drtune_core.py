@@ -269,7 +269,7 @@ def test_attached_term_equals_loss_plus_weighted_dr(weight):
 
     feats = net_direct.body(x)
     z, labels = reg_before.calibrate(mean_norm(feats.detach()), net_direct.head.weight)
-    lam = weight if weight is not None else 20 / 8  # official K / B
+    lam = weight if weight is not None else 16 / 8  # official K / B, K = the 16 filled rows (capacity 20)
     direct_loss = F.cross_entropy(net_direct.head(feats), y) + lam * dr_loss(net_direct.head, z, labels)
     direct_loss.backward()
     direct = _grads(net_direct)
@@ -277,6 +277,38 @@ def test_attached_term_equals_loss_plus_weighted_dr(weight):
         torch.testing.assert_close(attached[name], direct[name], rtol=1e-5, atol=1e-6, msg=name)
     # the step enqueued the batch after building z~ and advanced the schedule
     assert int(tap.regularizer.step) == 1 and len(tap.regularizer.bank) == 18
+
+
+def test_default_weight_counts_filled_rows_and_equals_the_official_mean_over_b_plus_k():
+    """A partly filled bank (16 of 20 rows): the default weight is n / B with n = 16 filled rows,
+    not the capacity 20, so that ``B / (B + n) * (L_CE + weight * L_DR)`` is the official cross
+    entropy averaged over the ``B + n`` concatenated rows."""
+    net, tap = _tap(None)
+    reg = tap.regularizer
+    assert reg.bank.size == 20 and len(reg.bank) == 16
+    reg_before = copy.deepcopy(reg)
+    x, y = torch.randn(8, 4), torch.arange(8) % 5
+    with torch.no_grad():
+        feats = net.body(x)
+        z, labels = reg_before.calibrate(mean_norm(feats), net.head.weight)
+        official = F.cross_entropy(net.head(torch.cat([feats, z])), torch.cat([y, labels]))
+        plain_ce = F.cross_entropy(net.head(feats), y)
+    tap.begin_step(y)
+    net(x)
+    tap.end_step()
+    assert tap.last["bank_rows"] == 16 and tap.last["weight"] == pytest.approx(16 / 8)
+    assert tap.last["weight"] != pytest.approx(20 / 8)  # the capacity would over-weight L_DR
+    ours = 8 / (8 + 16) * (float(plain_ce) + tap.last["weight"] * tap.last["dr_ce"])
+    assert ours == pytest.approx(float(official), rel=1e-5)
+    # once the bank is full the two definitions agree: n = capacity
+    tap.begin_step(y)
+    net(x)
+    tap.end_step()
+    assert len(reg.bank) == 20
+    tap.begin_step(y)
+    net(x)
+    tap.end_step()
+    assert tap.last["bank_rows"] == 20 and tap.last["weight"] == pytest.approx(20 / 8)
 
 
 def test_tap_errors_when_the_model_input_was_not_seen_or_features_are_not_pooled():

@@ -6,11 +6,23 @@
 
     L = (B * L_CE + K * L_DR) / (B + K) = B / (B + K) * (L_CE + (K / B) * L_DR),
 
-with ``L_DR = CE(head(z~), y_K)`` (mean over the bank). Here the user's loss is ``L_CE`` and DR-Tune
-adds ``lambda * L_DR``: ``lambda = K / B`` (``dr_weight=None``) reproduces the official weighting up
-to the overall factor ``B / (B + K)``, i.e. the official learning rates multiplied by ``B / (B + K)``
-(about 1/33 for ``B = 64, K = 2048``). ``z~`` has no gradient, so ``L_DR`` trains the head only:
-the encoder is regularized through a head that must stay valid for the pretrained distribution.
+with ``L_DR = CE(head(z~), y_K)`` (mean over the ``K`` bank rows in the concatenation). Here the
+user's loss is ``L_CE`` and DR-Tune adds ``lambda * L_DR``: ``lambda = K / B`` (``dr_weight=None``)
+reproduces the official weighting up to the overall factor ``B / (B + K)``, i.e. the official
+learning rates multiplied by ``B / (B + K)`` (about 1/33 for ``B = 64, K = 2048``). ``z~`` has no
+gradient, so ``L_DR`` trains the head only: the encoder is regularized through a head that must
+stay valid for the pretrained distribution.
+
+**Which K.** The mean over ``B + K`` rows weights the DR rows by their *number in that step's
+concatenation*. The official ``semantic_calibration`` returns every row of its queue (``model.py``:
+``cali_pre_feat [K, dim]`` and ``label_queue``), and the warm-up (``worker.py``: ``K // B + 3``
+batches) has filled all of them before the first step, so there the number of rows used equals
+the capacity. Here a bank can be partly filled (a class-balanced bank holds no rows of classes
+not seen yet, a short warm-up fills a fifo bank part-way) and only filled rows enter ``L_DR``.
+The default weight therefore uses ``K = n``, the number of filled rows that enter ``L_DR`` in
+that step (``bank_rows`` in :attr:`DRTuneTap.last`), with ``B`` the rows of the (gathered)
+batch: ``(B * L_CE + n * L_DR) / (B + n) = B / (B + n) * (L_CE + (n / B) * L_DR)``, the official
+cross entropy averaged over the ``B + n`` rows used. With a full bank ``n`` is the capacity.
 
 **Order of a step** (official): ``z~`` is built from the bank *before* the batch is written; then
 ``(f_p, f_d.detach(), y)`` are enqueued.
@@ -87,7 +99,18 @@ class DistributionRegularizer(nn.Module):
         self.register_buffer("experience", torch.tensor(0, dtype=torch.long))
 
     def calibrate(self, scale: Tensor | float, head_weight: Tensor) -> tuple[Tensor, Tensor] | None:
-        """``(z~, labels)`` of the filled bank rows for the current step, or ``None`` when the bank is empty."""
+        """``(z~, labels)`` of the filled bank rows for the current step, or ``None`` when the bank is empty.
+
+        On a fitting step (every ``rotation_interval`` steps) the rotation is fitted on the *fresh*
+        rows only (``FeatureBank.fresh``: written during the current experience; every filled row
+        of a fifo bank) and needs at least 2 of them; with fewer the step falls back to the cached
+        rotation, if any. The rotation is then applied to all filled rows. With fewer fresh rows
+        than feature dimensions the fit is underdetermined: exact on the span of the fresh rows,
+        arbitrary outside it, so the rows of old classes are rotated arbitrarily in their
+        components outside that span (see :func:`~cl_plugins.drtune.calibration.procrustes_rotation`,
+        "Few rows"; the class-centre step afterwards still moves each class onto its downstream
+        centre).
+        """
         bank = self.bank
         rows = torch.nonzero(bank.valid, as_tuple=True)[0]
         if rows.numel() == 0:
@@ -137,8 +160,9 @@ class DRTuneTap:
         regularizer: bank and calibration state.
         pretrained: ``fn(*args, **kwargs) -> f_p`` with the arguments of ``root`` (a
             :class:`~cl_plugins.drtune.features.FrozenEncoder`, or the user's features function).
-        weight: ``lambda``; ``None``: ``K / B`` (the official implicit weight; ``B``: rows of the
-            gathered batch).
+        weight: ``lambda``; ``None``: ``n / B``, the official implicit weight, with ``n`` the filled
+            bank rows that enter ``L_DR`` this step (the capacity ``K`` once the bank is full) and
+            ``B`` the rows of the gathered batch (module docstring, "Which K").
         gather: concatenates a tensor over processes (DDP), applied to ``f_p``, ``f_d`` and labels
             before they enter the bank; identity by default.
         attach: ``fn(output, term) -> output``; default :func:`~cl_plugins.aux_loss.attach_aux_loss`.
@@ -260,7 +284,8 @@ class DRTuneTap:
         calibrated = reg.calibrate(scale, head_linear(self.head).weight)
         if calibrated is not None:
             z, bank_labels = calibrated
-            weight = self.weight if self.weight is not None else reg.bank.size / all_d.shape[0]
+            # official: a mean over the B + n rows in the concatenation (module docstring, "Which K")
+            weight = self.weight if self.weight is not None else bank_labels.shape[0] / all_d.shape[0]
             self._busy = True
             try:
                 ce = dr_loss(self.head, z.to(f_d.dtype), bank_labels, self.label_mask)
