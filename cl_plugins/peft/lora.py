@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cl_plugins.peft.dropout import FastDropout
 from cl_plugins.peft.targets import BERT_ATTENTION, TIMM_VIT_ATTENTION, find_linear_layers, set_submodule
 from cl_plugins.protocols import linear_layer_names
 
@@ -152,7 +153,7 @@ class LoRAGroupLinear(nn.Module):
         self.lora_B = nn.ParameterList(
             [nn.Parameter(torch.zeros(e - s, self.num_loras, self.rank, **kw)) for _, s, e in parts]
         )
-        self.dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout: nn.Module = FastDropout(dropout) if dropout > 0 else nn.Identity()
         # uint8 rather than bool: DDP broadcasts buffers, and gloo handles uint8 everywhere
         self.register_buffer("lora_merged", torch.zeros((), dtype=torch.uint8, device=weight.device))
         self._merged = False
