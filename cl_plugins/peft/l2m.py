@@ -307,33 +307,30 @@ class ModulationPool(nn.Module):
         st = self.state
         st.idx = idx
         st.pending_loss = None
-        if training:
-            if self.keys.requires_grad:
-                loss = self.key_loss_weight * key_matching_loss(cos)
-                st.pending_loss = loss
-                self.last_key_loss = loss
-            counts = torch.bincount(idx.flatten(), minlength=self.pool_size)
-            st.counts = counts if st.counts is None else st.counts + counts
-        else:
-            counts = torch.bincount(idx.flatten(), minlength=self.pool_size)
-            st.eval_counts = counts if st.eval_counts is None else st.eval_counts + counts
+        if training and self.keys.requires_grad:
+            loss = self.key_loss_weight * key_matching_loss(cos)
+            st.pending_loss = loss
+            self.last_key_loss = loss
+        counts = torch.bincount(idx.flatten(), minlength=self.pool_size)
+        slot = "counts" if training else "eval_counts"
+        earlier = getattr(st, slot)
+        setattr(st, slot, counts if earlier is None else earlier + counts)
         return idx
+
+    def _pop(self, slot: str) -> Tensor:
+        counts = getattr(self.state, slot)
+        setattr(self.state, slot, None)
+        if counts is None:
+            return torch.zeros(self.pool_size, dtype=torch.long, device=self.keys.device)
+        return counts
 
     def pop_counts(self) -> Tensor:
         """Selections counted in training forwards since the last call, ``(M,)`` int64."""
-        counts = self.state.counts
-        self.state.counts = None
-        if counts is None:
-            return torch.zeros(self.pool_size, dtype=torch.long, device=self.keys.device)
-        return counts
+        return self._pop("counts")
 
     def pop_eval_counts(self) -> Tensor:
         """Selections counted in non-training forwards since the last call, ``(M,)`` int64."""
-        counts = self.state.eval_counts
-        self.state.eval_counts = None
-        if counts is None:
-            return torch.zeros(self.pool_size, dtype=torch.long, device=self.keys.device)
-        return counts
+        return self._pop("eval_counts")
 
     def clear(self) -> None:
         """Forgets the current selection (called after each forward of the root module)."""
