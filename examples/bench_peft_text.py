@@ -262,6 +262,12 @@ def main() -> None:
             l2m = next((cb for cb in callbacks if isinstance(cb, L2M)), None)
             if l2m is not None:
                 res["l2m_keys"] = {e: [i for i, c in enumerate(h) if c] for e, h in l2m.key_histograms.items()}
+                # share of each test experience's samples whose key (after the whole stream) is one that its
+                # training experience selected: how often test-time selection finds the trained modulators
+                final = l2m.eval_key_histograms.get("validate", {})
+                res["l2m_key_match"] = {
+                    j: round(sum(c for i, c in enumerate(h) if l2m.key_histograms.get(j, [0] * len(h))[i])
+                             / max(sum(h), 1), 3) for j, h in final.items()}
             results.setdefault(name, []).append(res)
             extra = (f"  probe rho {res['spearman_vs_pretrained']:.3f} |dsim| {res['mean_abs_change']:.3f}"
                      if reference is not None else "")
@@ -271,7 +277,8 @@ def main() -> None:
                   f"wall {res['wall_s']:.1f}s{extra}", flush=True)
             if "l2m_keys" in res:
                 print(f"  L2M keys selected in training per experience: {res['l2m_keys']}; "
-                      f"by the probe sentences: {res.get('probe_entries')}", flush=True)
+                      f"by the probe sentences: {res.get('probe_entries')}; share of each test experience "
+                      f"selecting a key its training experience used: {res['l2m_key_match']}", flush=True)
 
     interleaved: dict[str, list[float]] = {}
     if args.timing_rounds > 0:
