@@ -50,6 +50,7 @@ from cl_plugins.kfpf.phase import (
 )
 from cl_plugins.kfpf.selection import ModuleSelection, select_modules
 from cl_plugins.kfpf.sensitivity import SensitivityTracker, parameter_groups
+from cl_plugins.rank_state import own_rank_state, with_rank_states
 
 #: FPF learning rate when none is given and the main optimizer's cannot be read (our choice)
 DEFAULT_FPF_LR = 0.05
@@ -112,7 +113,7 @@ class KFPF(ContinualCallback):
     FPF's cost is small beside training and a larger ``k`` costs little. Under DDP every rank keeps
     its own buffer over its shard; gradients of the fine-tuned parameters are averaged across ranks
     at every phase step and the re-estimated running statistics at the end of a phase. A checkpoint
-    holds rank zero's state.
+    holds every rank's state (:mod:`cl_plugins.rank_state`), so each rank resumes its own buffer.
 
     What the buffer holds: the inputs ``x`` exactly as the training batch delivers them, i.e.
     after the dataset's transforms. When the stream augments per sample in the dataset (e.g.
@@ -612,9 +613,10 @@ class KFPF(ContinualCallback):
 
     # ------------------------------------------------------------------ checkpoint state
     def state_dict(self) -> dict[str, Any]:
-        """k-FPF's state. A shared buffer is saved by its owner (``ExperienceReplay``); only the
-        generator that draws phase batches from it is saved here."""
-        return {
+        """k-FPF's state, every rank's under DDP (each rank's buffer and generator differ). A shared
+        buffer is saved by its owner (``ExperienceReplay``); only the generator that draws phase
+        batches from it is saved here."""
+        return with_rank_states({
             "buffer_source": self.buffer_source,
             "buffer": self.own_buffer.state_dict() if self.own_buffer is not None else None,
             "sample_rng": self._sample_generator.get_state() if self._sample_generator is not None else None,
@@ -625,10 +627,11 @@ class KFPF(ContinualCallback):
             "phase_log": [dict(e) for e in self.phase_log],
             "ledger": self.ledger.state_dict(),
             "sensitivity": self.sensitivity.state_dict(),
-        }
+        })
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restores the state (Lightning calls it after ``setup``, which has chosen the buffer)."""
+        state_dict = own_rank_state(state_dict, type(self).__name__)
         source = state_dict.get("buffer_source", "own")  # checkpoints from before buffer sharing: own
         if source is None:
             raise ValueError(f"the checkpoint's {type(self).__name__} state was saved before its buffer was chosen")

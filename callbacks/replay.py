@@ -2,8 +2,8 @@
 
 The buffer is a uniform sample of every training sample seen so far (reservoir sampling), so no
 task boundary is needed. Under DDP each rank keeps its own buffer over its own shard (seeded by
-``seed + rank``). The buffer (and its RNG) is part of the callback state, so checkpoints resume
-exactly.
+``seed + rank``). The buffer (and its RNG) is part of the callback state, every rank's under DDP
+(:mod:`cl_plugins.rank_state`), so checkpoints resume exactly.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import torch
 
 from callbacks.base import ContinualCallback
 from cl_plugins.buffers import ReservoirBuffer
+from cl_plugins.rank_state import own_rank_state, with_rank_states
 
 
 class ExperienceReplay(ContinualCallback):
@@ -72,8 +73,10 @@ class ExperienceReplay(ContinualCallback):
         self.buffer.add(x, y, t, experience=experience)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"buffer": self.buffer.state_dict(), "rank_seeded": self._rank_seeded}
+        # every rank's buffer (each fills its own from its shard), gathered for rank zero's checkpoint
+        return with_rank_states({"buffer": self.buffer.state_dict(), "rank_seeded": self._rank_seeded})
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = own_rank_state(state_dict, type(self).__name__)
         self.buffer.load_state_dict(state_dict["buffer"])
         self._rank_seeded = bool(state_dict.get("rank_seeded", True))
