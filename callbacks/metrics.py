@@ -30,8 +30,8 @@ class ContinualMetrics(ContinualCallback):
     """Builds the accuracy matrix ``R`` with torchmetrics and reports continual metrics.
 
     Args:
-        output_dir: folder of ``metrics.json`` and ``accuracy_matrix.png`` (default: the trainer's
-            ``log_dir``, else its ``default_root_dir``).
+        output_dir: folder of ``metrics.json``, ``accuracy_matrix.txt`` and ``accuracy_matrix.png``
+            (default: the trainer's ``log_dir``, else its ``default_root_dir``).
         plot: write the heatmap PNG.
         evaluate_initial: at the start of training, evaluate the untrained model on every test
             experience (``b`` of forward transfer; FWT is ``None`` without it).
@@ -302,19 +302,27 @@ class ContinualMetrics(ContinualCallback):
             rank_zero_warn("ContinualMetrics: no experience was completed, so no metrics were written")
             return
         self.output_files = self.write_reports(out)
-        results = self.results()
-        print("Accuracy matrix (%): row i = after training experience i, column j = test experience j")
-        print(format_matrix(self.matrix, self.initial_accuracy))
-        print(_summary_line(results["final"]))
+        print(self.table())
+
+    def table(self) -> str:
+        """The accuracy matrix as the printed table, with the final summary line."""
+        return "\n".join([
+            "Accuracy matrix (%): row i = after training experience i, column j = test experience j",
+            format_matrix(self.matrix, self.initial_accuracy),
+            _summary_line(self.results()["final"]),
+        ])
 
     def write_reports(self, output_dir: str | Path) -> list[Path]:
-        """Writes ``metrics.json`` (and ``accuracy_matrix.png`` when ``plot``) into ``output_dir``."""
+        """Writes ``metrics.json``, the printed table (``accuracy_matrix.txt``) and, when ``plot``,
+        the heatmap ``accuracy_matrix.png`` into ``output_dir``."""
         out = Path(output_dir)
         out.mkdir(parents=True, exist_ok=True)
         results = self.results()
         path = out / "metrics.json"
         path.write_text(json.dumps(results, indent=2))
-        files = [path]
+        table = out / "accuracy_matrix.txt"
+        table.write_text(self.table() + "\n")
+        files = [path, table]
         if self.plot:
             files.append(plot_matrix(self.matrix, out / "accuracy_matrix.png", title=_plot_title(results["final"])))
         return files

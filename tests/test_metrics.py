@@ -211,7 +211,8 @@ def test_matrix_logs_json_heatmap_and_table(tmp_path, capsys, expected):
     assert float(trainer.callback_metrics["cl/acc_exp3"]) == pytest.approx(R_exp[4][3], abs=1e-6)
 
     # logger=False: files go to default_root_dir
-    assert metrics.output_files == [tmp_path / "metrics.json", tmp_path / "accuracy_matrix.png"]
+    assert metrics.output_files == [tmp_path / "metrics.json", tmp_path / "accuracy_matrix.txt",
+                                    tmp_path / "accuracy_matrix.png"]
     data = json.loads((tmp_path / "metrics.json").read_text())
     assert data["matrix"] == metrics.matrix and data["initial_accuracy"] == metrics.initial_accuracy
     assert data["final"] == summary and data["scenario"] == "class" and data["num_experiences"] == 5
@@ -223,6 +224,8 @@ def test_matrix_logs_json_heatmap_and_table(tmp_path, capsys, expected):
 
     out = capsys.readouterr().out
     assert format_matrix(metrics.matrix, metrics.initial_accuracy) in out
+    assert (tmp_path / "accuracy_matrix.txt").read_text() == metrics.table() + "\n"
+    assert metrics.table() in out
     assert "Average accuracy" in out and f"{100 * summary['avg_acc']:.2f}%" in out
 
     trainer.validate(trainer.lightning_module, datamodule=_dm())  # validation outside fit does not touch the matrix
@@ -236,7 +239,7 @@ def test_fallback_predictions_bf16_and_several_epochs_per_experience(tmp_path, e
          precision="bf16-mixed",
          limit_train_batches=4, val_check_interval=0.5)  # the mid-epoch validations must not fill rows
     assert metrics.matrix == _approx(expected[0]) and metrics.initial_accuracy == _approx(expected[1])
-    assert [p.name for p in metrics.output_files] == ["metrics.json"]
+    assert [p.name for p in metrics.output_files] == ["metrics.json", "accuracy_matrix.txt"]
 
 
 def test_missing_validation_is_a_clear_error(tmp_path):
@@ -357,7 +360,8 @@ def test_ddp_two_processes_give_the_single_process_matrix(tmp_path):
     assert res["initial"] == single.initial_accuracy
     assert res["summary"] == single.summary()
     assert res["logged"] == pytest.approx(single.summary()["avg_acc"], abs=1e-6)
-    assert sorted(p.rsplit("/", 1)[1] for p in res["files"]) == ["accuracy_matrix.png", "metrics.json"]
+    assert sorted(p.rsplit("/", 1)[1] for p in res["files"]) == ["accuracy_matrix.png", "accuracy_matrix.txt",
+                                                                  "metrics.json"]
 
 
 @pytest.mark.gpu
