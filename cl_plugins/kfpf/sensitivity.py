@@ -75,7 +75,7 @@ class SensitivityTracker:
 
     def take_snapshot(self) -> None:
         """Copies every watched tensor to float32 CPU memory."""
-        self.snapshot = {g: [t.detach().float().cpu().clone() for t in ts] for g, ts in self.groups.items()}
+        self.snapshot = self.current()
 
     def current(self) -> dict[str, list[Tensor]]:
         """Float32 CPU copies of every watched tensor now (the ``before`` of :meth:`exclude_change_since`)."""
