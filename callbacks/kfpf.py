@@ -603,9 +603,7 @@ class KFPF(ContinualCallback):
         if not self.shares_buffer:
             return buffer.sample(self.batch_size, device=device)
         assert self._sample_generator is not None
-        n = len(buffer)
-        idx = torch.randperm(n, generator=self._sample_generator)[: self.batch_size]
-        return {key: buffer.data[key][idx].to(device) for key in ("x", "y", "t")}
+        return buffer.sample(self.batch_size, device=device, generator=self._sample_generator)
 
     def compute_report(self) -> dict[str, float]:
         """FPF's compute versus training and versus every-step replay (see ``ComputeLedger``)."""

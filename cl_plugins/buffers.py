@@ -71,21 +71,24 @@ class ReservoirBuffer:
         return stored
 
     def sample(self, batch_size: int, device: torch.device | str | None = None,
-               where: Tensor | None = None) -> dict[str, Tensor]:
+               where: Tensor | None = None, generator: torch.Generator | None = None) -> dict[str, Tensor]:
         """A uniform batch without replacement (all samples when fewer than ``batch_size``), drawn
-        among the filled slots where the boolean mask ``where`` (one entry per filled slot) holds."""
+        among the filled slots where the boolean mask ``where`` (one entry per filled slot) holds.
+        ``generator`` draws it instead of the buffer's own (a reader that must not advance the
+        owner's draws, e.g. k-FPF on ExperienceReplay's buffer)."""
+        generator = self.generator if generator is None else generator
         if len(self) == 0:
             raise RuntimeError("the replay buffer is empty: nothing has been added yet")
         if where is None:
             k = min(batch_size, len(self))
-            idx = torch.randperm(len(self), generator=self.generator)[:k]
+            idx = torch.randperm(len(self), generator=generator)[:k]
         else:
             if where.shape != (len(self),):
                 raise ValueError(f"where must be a mask of the {len(self)} filled slots, got {tuple(where.shape)}")
             allowed = torch.nonzero(where.cpu(), as_tuple=True)[0]
             if allowed.numel() == 0:
                 raise RuntimeError("no buffer sample satisfies the mask")
-            idx = allowed[torch.randperm(allowed.numel(), generator=self.generator)[:batch_size]]
+            idx = allowed[torch.randperm(allowed.numel(), generator=generator)[:batch_size]]
         return {key: value[idx].to(device) if device is not None else value[idx] for key, value in self.data.items()}
 
     def state_dict(self) -> dict[str, Any]:
