@@ -42,6 +42,12 @@ class InjectionCallback(ContinualCallback):
         """Identifies this callback's injection on a module (one injection per key)."""
         return self.state_key
 
+    def other_injections(self, pl_module: pl.LightningModule) -> dict[str, list[str]]:
+        """The modules other injections registered on ``pl_module`` (injection key -> qualified names),
+        for :func:`cl_plugins.peft.lora.check_not_adapted`."""
+        registry: dict[str, list[str]] = pl_module.__dict__.get(self._REGISTRY, {})
+        return {k: v for k, v in registry.items() if k != self.injection_key}
+
     def inject(self, pl_module: pl.LightningModule) -> Iterable[str]:
         """Adds the method's modules to ``pl_module``; returns the qualified names of the new modules."""
         raise NotImplementedError(f"{type(self).__name__} must implement inject()")

@@ -183,8 +183,7 @@ class L2M(InjectionCallback):
 
     def inject(self, pl_module: pl.LightningModule) -> list[str]:
         head_name, head = find_head(pl_module, self.head_name)
-        registry = pl_module.__dict__.get(self._REGISTRY, {})
-        occupied = {k: v for k, v in registry.items() if k != self.injection_key}
+        occupied = self.other_injections(pl_module)
         placement = resolve_targets(pl_module, self.modulator, self.targets, self.input_targets, self.qkv_parts,
                                     exclude=[head_name], occupied=occupied)
         root = pl_module if self.query_root is None else pl_module.get_submodule(self.query_root)
@@ -255,13 +254,19 @@ class L2M(InjectionCallback):
         if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(table)
         self._eval_counts[stage] = {j: table[j] for j in range(n_exp) if int(table[j].sum()) > 0}
-        for j, counts in self._eval_counts[stage].items():
-            trained = self._counts.get(j)
-            if trained is None:
-                continue
-            used = trained.to(counts.device) > 0
-            match = float(counts[used].sum()) / max(int(counts.sum()), 1)
+        for j, match in self.eval_key_match(stage).items():
             pl_module.log(f"l2m/{prefix}_key_match_exp{j}", match, on_step=False, on_epoch=True, sync_dist=False)
+
+    def eval_key_match(self, stage: str = "validate") -> dict[int, float]:
+        """Per test experience ``j`` of the latest ``stage`` pass: the share of its samples whose
+        selected key is one that training experience ``j`` selected (``j`` trained so far only)."""
+        out = {}
+        for j, counts in self._eval_counts.get(stage, {}).items():
+            trained = self._counts.get(j)
+            if trained is not None:
+                used = trained.to(counts.device) > 0
+                out[j] = float(counts[used].sum()) / max(int(counts.sum()), 1)
+        return out
 
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._eval_start("validate")

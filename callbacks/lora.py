@@ -98,8 +98,7 @@ class LoRAGroupCallback(InjectionCallback):
     def inject(self, pl_module: pl.LightningModule) -> list[str]:
         patterns = resolve_targets(pl_module, self.targets, self.default_targets, self.method_name)
         exclude = [find_head(pl_module, self.head_name)[0]] if (self.train_head or self.head_name) else []
-        registry = pl_module.__dict__.get(self._REGISTRY, {})
-        occupied = {k: v for k, v in registry.items() if k != self.injection_key}
+        occupied = self.other_injections(pl_module)
         new = inject_lora_groups(
             pl_module, patterns, num_loras=self.num_loras, rank=self.rank, alpha=self.alpha, dropout=self.dropout,
             qkv_parts=self.qkv_parts, exclude=exclude, method=self.method_name, occupied=occupied,

@@ -167,8 +167,7 @@ class LoRAMoE(InjectionCallback):
     # ------------------------------------------------------------------ injection
     def inject(self, pl_module: pl.LightningModule) -> list[str]:
         exclude = [find_head(pl_module, self.head_name)[0]] if self.train_head else []
-        registry = pl_module.__dict__.get(self._REGISTRY, {})
-        occupied = {k: v for k, v in registry.items() if k != self.injection_key}
+        occupied = self.other_injections(pl_module)
         return inject_loramoe(pl_module, self.context, self.targets, self.rank, self.alpha, self.dropout,
                               exclude=exclude, per_expert_dropout=self.per_expert_dropout, occupied=occupied)
 

@@ -264,10 +264,7 @@ def main() -> None:
                 res["l2m_keys"] = {e: [i for i, c in enumerate(h) if c] for e, h in l2m.key_histograms.items()}
                 # share of each test experience's samples whose key (after the whole stream) is one that its
                 # training experience selected: how often test-time selection finds the trained modulators
-                final = l2m.eval_key_histograms.get("validate", {})
-                res["l2m_key_match"] = {
-                    j: round(sum(c for i, c in enumerate(h) if l2m.key_histograms.get(j, [0] * len(h))[i])
-                             / max(sum(h), 1), 3) for j, h in final.items()}
+                res["l2m_key_match"] = {j: round(m, 3) for j, m in l2m.eval_key_match("validate").items()}
             results.setdefault(name, []).append(res)
             extra = (f"  probe rho {res['spearman_vs_pretrained']:.3f} |dsim| {res['mean_abs_change']:.3f}"
                      if reference is not None else "")
