@@ -207,6 +207,8 @@ class ModulationPool(nn.Module):
         self.keys.requires_grad_(self.key_loss_weight > 0)
         self.register_buffer("inv_freq", torch.full((pool_size,), 1.0 / pool_size))
         self.state = SelectionState()
+        #: the :class:`QueryHooks` feeding this pool while installed (read by ``cl_plugins.export``)
+        self.query_hooks: QueryHooks | None = None
         self.last_key_loss: Tensor | None = None
 
     def extra_repr(self) -> str:
@@ -564,6 +566,7 @@ class QueryHooks:
         """Registers the hooks (idempotent)."""
         if self.handles:
             return self
+        self.pool.query_hooks = self
         if self.mode == "embedding":
             self.handles.append(self.query_module.register_forward_pre_hook(self._on_query_start, with_kwargs=True))
             self.handles.append(self.query_tap.register_forward_hook(self._on_tap))
@@ -578,6 +581,8 @@ class QueryHooks:
         for h in self.handles:
             h.remove()
         self.handles = []
+        if self.pool.query_hooks is self:
+            self.pool.query_hooks = None
 
     # ---- query sources
     @staticmethod
