@@ -1,8 +1,8 @@
 """LoRAMoE as a Lightning callback: routed LoRA experts on the FFN layers of a frozen backbone, with
 the localized balancing constraint as an extra loss term.
 
-See :mod:`cl_plugins.peft.loramoe` for the method and how its defaults follow the paper and the
-official code. The callback
+The method and how its defaults follow the paper and the official code: ``docs/methods/loramoe.md``.
+The callback
 
 - injects the experts in ``setup()`` (before the optimizer is built) and freezes everything else
   except the classification head (:class:`~callbacks.injection.InjectionCallback`);
