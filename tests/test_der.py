@@ -304,6 +304,7 @@ if trainer.global_rank == 0:
 """
 
 
+@pytest.mark.slow
 def test_ddp_keeps_a_buffer_per_rank_and_synchronizes_the_replay_gradients(tmp_path):
     out = run_script(DDP_SCRIPT, tmp_path, timeout=300)
     a, b = out["ranks"]
