@@ -24,6 +24,9 @@ Sample types in a stream (``sample_type``):
 - a ``dict`` ``{task_label: type}``: by task label.
 - a callable ``fn(batch) -> LongTensor`` of shape ``(batch,)`` with values in ``{0, 1}``.
 
+The types are checked on the device, without a host sync in the step; a bad one fails the fit at the
+end of its epoch.
+
 With k-FPF (:class:`callbacks.kfpf.KFPF`): k-FPF's buffer phases fine-tune the modules it selects
 with their own optimizer. Its defaults select the normalization layers and the first convolution /
 patch embedding, which LoRAMoE freezes to keep the pretrained (world) knowledge intact, so the pair
@@ -228,7 +231,7 @@ class LoRAMoE(InjectionCallback):
             self._task_lookup = lut
 
     def resolve_types(self, batch: Any) -> Tensor:
-        """Type (0 or 1) of every sample of ``batch`` under ``sample_type``."""
+        """Type (0 or 1) of every sample of ``batch`` under ``sample_type`` (-1: a label no experience has)."""
         if callable(self.sample_type) and not isinstance(self.sample_type, Mapping):
             out = self.sample_type(batch)
             if not isinstance(out, Tensor):
