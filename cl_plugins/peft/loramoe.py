@@ -431,7 +431,7 @@ class LoRAMoEContext:
             self._close_terms()
             self._terms = _StepTerms(types, self.coefficients(types), self.balance_weight, self.tracker)
         n = weights.shape[-1]
-        q = _precise(weights.reshape(weights.shape[0], -1, n).sum(dim=1) if weights.dim() > 2 else weights)
+        q = _precise(weights.sum(dim=tuple(range(1, weights.dim() - 1))) if weights.dim() > 2 else weights)
         k = self._terms.add(q, weights[0].numel() // n)
         if self.balance_weight > 0 and torch.is_grad_enabled() and q.requires_grad:
             return _AttachBalance.apply(output, q, self._terms, k)
@@ -531,10 +531,11 @@ class LoRAExperts(nn.Module):
         b = self.lora_B.permute(1, 0, 2).reshape(self.lora_B.shape[1], n * r)  # every expert's B, side by side
         if base_out is None:
             return torch.mm(h, b.t()).mul_(self.scaling).view(*lead, b.shape[0])
-        dtype = base_out.dtype
-        out = torch.addmm(base_out.reshape(-1, b.shape[0]), h if h.dtype == dtype else h.to(dtype),
-                          b.t() if b.dtype == dtype else b.t().to(dtype), alpha=self.scaling)
-        return out.view(base_out.shape)
+        dtype, flat = base_out.dtype, base_out.dim() == 2
+        out = torch.addmm(base_out if flat else base_out.reshape(-1, b.shape[0]),
+                          h if h.dtype == dtype else h.to(dtype), b.t() if b.dtype == dtype else b.t().to(dtype),
+                          alpha=self.scaling)
+        return out if flat else out.view(base_out.shape)
 
     def extra_repr(self) -> str:
         n, r, d_in = self.lora_A.shape
@@ -584,15 +585,15 @@ class LoRAMoELinear(nn.Module):
             return torch.softmax(F.linear(_precise(x), _precise(self.router.weight)), dim=-1)
 
     def forward(self, x: Tensor) -> Tensor:
-        out = self.base(x)
-        weights = self.route(x)
-        out = self.experts(x, weights, base_out=out)
+        x2 = x.reshape(-1, x.shape[-1])  # every product on the (tokens, features) matrix: no reshapes inside them
+        weights = self.route(x2)
+        out = self.experts(x2, weights, base_out=self.base(x2))
         ctx = self.context
         if ctx is not None and self.training and torch.is_grad_enabled():
             types = ctx.sample_types(x.shape[0], x.device)
             if types is not None:
-                out = ctx.balance(out, weights, types)
-        return out
+                out = ctx.balance(out, weights.view(x.shape[0], -1, weights.shape[-1]), types)
+        return out.view(*x.shape[:-1], out.shape[-1])
 
 
 # ---------------------------------------------------------------------------------------------- injection

@@ -128,19 +128,19 @@ class _Group:
         layer, k = parts[0]
         a = layer.lora_A[k]
         self.scaling = layer.scaling
-        dtype = _precise(a[:0]).dtype
+        self.dtype = torch.promote_types(a.dtype, torch.float32)  # the precision of the terms
         rows = [lay.row_ranges[k] for lay, k in parts]
         with torch.no_grad():
-            # W0 is frozen: its stack, in the precision of the terms, is built once (rebuilt when a weight changes)
-            self.w0 = torch.stack([lay.base.weight[s:e].to(dtype) for (lay, _), (s, e) in zip(parts, rows)])
+            # W0 is frozen: its stack is built once (a float32 copy of the adapted rows), rebuilt when a weight changes
+            self.w0 = torch.stack([lay.base.weight[s:e].to(self.dtype) for (lay, _), (s, e) in zip(parts, rows)])
         n = a.shape[0]
         self.pairs = torch.triu_indices(n, n, offset=1, device=a.device) if n > 1 else None
 
     def factors(self) -> tuple[Tensor, Tensor]:
         """The parts' ``A`` stacked ``(L, N, r, d_in)`` and ``B`` stacked ``(L, d_out, N, r)``, in the precision
         of the terms."""
-        a = _precise(torch.stack([lay.lora_A[k] for lay, k in self.parts]))
-        b = torch.stack([lay.lora_B[k] for lay, k in self.parts]).to(a.dtype)
+        a = torch.stack([lay.lora_A[k] for lay, k in self.parts]).to(self.dtype)
+        b = torch.stack([lay.lora_B[k] for lay, k in self.parts]).to(self.dtype)
         return a, b
 
     def preserve(self, a: Tensor, b: Tensor) -> Tensor:
