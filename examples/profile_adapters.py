@@ -82,8 +82,8 @@ SYNC_OPS = frozenset({"_local_scalar_dense", "nonzero", "unique", "_unique", "_u
 #: Python-level tensor methods that copy to the host (invisible to the dispatcher on CPU tensors)
 SYNC_METHODS = ("tolist", "numpy", "cpu")
 REPO = Path(__file__).resolve().parents[1]
-#: folders of this repository whose code is not the library's
-NOT_LIBRARY = ("tests", "examples")
+#: the library's folders in this repository (not tests, examples, or a virtual environment inside it)
+LIBRARY = ("cl_plugins", "callbacks", "datamodules")
 
 
 def _library_frame() -> str | None:
@@ -92,7 +92,7 @@ def _library_frame() -> str | None:
         path = Path(frame.filename)
         if path.is_relative_to(REPO):
             rel = path.relative_to(REPO)
-            if rel.parts[0] not in NOT_LIBRARY:
+            if rel.parts[0] in LIBRARY:
                 return f"{rel.as_posix()}:{frame.lineno} ({frame.name})"
     return None
 
@@ -101,8 +101,8 @@ class HostSyncCounter(TorchDispatchMode):
     """Records every host synchronization made from the library's code while active (a context manager).
 
     An ATen call of :data:`SYNC_OPS` or an indexing with a boolean mask (which calls ``nonzero``), and a
-    call of a :data:`SYNC_METHODS` tensor method, count when the innermost stack frame of this repository
-    outside ``tests/`` and ``examples/`` is on the stack; :attr:`calls` maps that frame to a count.
+    call of a :data:`SYNC_METHODS` tensor method, count when the innermost stack frame of the library
+    (:data:`LIBRARY`) is on the stack; :attr:`calls` maps that frame to a count.
     Calls made only by PyTorch, Lightning and the like are not counted. On the CPU these calls are
     cheap: they are counted because on a GPU each of them waits for the device.
     """

@@ -11,7 +11,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from callbacks.pego import PEGO
 from cl_plugins.models import ContinualClassifier
-from cl_plugins.peft.lora import LoRAGroupLinear, qkv_parts_rows
+from cl_plugins.peft.adapters import fused_qkv_rows as qkv_parts_rows
+from cl_plugins.peft.lora import LoRAGroupLinear
 from cl_plugins.peft.pego import PEGORegularizer, pego_losses
 
 F64 = torch.float64
