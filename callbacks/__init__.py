@@ -2,22 +2,28 @@
 
 from callbacks.base import ContinualCallback, get_stream
 from callbacks.drtune import DRTune
+from callbacks.ewc import OnlineEWC
 from callbacks.injection import InjectionCallback
 from callbacks.joint import JointTraining
 from callbacks.kfpf import FPF, KFPF
 from callbacks.l2m import L2M
 from callbacks.lora import LoRA
 from callbacks.loramoe import LoRAMoE
+from callbacks.lwf import LwF
 from callbacks.metrics import ContinualMetrics
 from callbacks.pego import PEGO
 from callbacks.replay import ExperienceReplay
+from callbacks.si import SynapticIntelligence
 
 __all__ = [
     "DRTune",
     "FPF",
     "KFPF",
     "L2M",
+    "LwF",
+    "OnlineEWC",
     "PEGO",
+    "SynapticIntelligence",
     "ContinualCallback",
     "ContinualMetrics",
     "ExperienceReplay",
