@@ -22,7 +22,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Subset
 
 from callbacks.quadratic import QuadraticPenalty
-from cl_plugins.baselines.ewc import FisherMode, check_ewc_hparams, empirical_fisher, online_fisher
+from cl_plugins.baselines.ewc import FisherMode, PerSampleMethod, check_ewc_hparams, empirical_fisher, online_fisher
 
 
 class OnlineEWC(QuadraticPenalty):
@@ -34,9 +34,13 @@ class OnlineEWC(QuadraticPenalty):
         gamma: decay of the accumulated Fisher at each new experience, in ``(0, 1]`` (best args: 1.0).
         fisher: ``"per_sample"`` (Mammoth: ``p(y|x) * (grad log p(y|x))^2`` averaged over the samples)
             or ``"batch"`` (Avalanche: the squared gradient of each batch's mean loss, averaged over batches).
-        fisher_batch_size: batch size of the Fisher pass (default: the stream's training batch size).
-        fisher_vectorize: per-sample gradients with ``torch.func.vmap``; ``False`` runs one backward
-            per sample (as Mammoth), for models that ``vmap`` cannot handle.
+        fisher_batch_size: batch size of the Fisher pass. Default: the stream's training batch size for
+            ``"batch"`` (it defines that estimator), its evaluation batch size for ``"per_sample"`` (the value
+            does not depend on it; larger batches are faster, and ``"vmap"`` holds ``batch x parameters`` floats).
+        fisher_method: how the per-sample gradients are computed, all exact (see
+            :func:`~cl_plugins.baselines.ewc.fisher_per_sample`): ``"auto"`` (one batched backward when every
+            regularized parameter is in an ``nn.Linear``, else ``torch.func.vmap``), ``"linear"``, ``"vmap"``, or
+            ``"loop"`` (one backward per sample, as Mammoth, for models that ``vmap`` cannot handle).
 
     In task-incremental streams the Fisher uses the logits as the module's ``masked_logits`` masks
     them in training (the classification mixin's task masking), so it is the Fisher of the trained
@@ -51,7 +55,7 @@ class OnlineEWC(QuadraticPenalty):
         gamma: float = 1.0,
         fisher: FisherMode = "per_sample",
         fisher_batch_size: int | None = None,
-        fisher_vectorize: bool = True,
+        fisher_method: PerSampleMethod = "auto",
     ) -> None:
         check_ewc_hparams(e_lambda, gamma)
         if fisher not in ("per_sample", "batch"):
@@ -62,7 +66,9 @@ class OnlineEWC(QuadraticPenalty):
         self.gamma = float(gamma)
         self.fisher_mode: FisherMode = fisher
         self.fisher_batch_size = fisher_batch_size
-        self.fisher_vectorize = fisher_vectorize
+        if fisher_method not in ("auto", "linear", "vmap", "loop"):
+            raise ValueError(f"fisher_method must be 'auto', 'linear', 'vmap' or 'loop', got {fisher_method!r}")
+        self.fisher_method: PerSampleMethod = fisher_method
 
     @property
     def e_lambda(self) -> float:
@@ -98,15 +104,15 @@ class OnlineEWC(QuadraticPenalty):
         rank, world = trainer.global_rank, trainer.world_size
         if world > 1:
             dataset = Subset(dataset, range(rank, len(dataset), world))  # type: ignore[arg-type]
-        loader = DataLoader(dataset, batch_size=self.fisher_batch_size or dm.batch_size, shuffle=False,
-                            num_workers=dm.num_workers)
+        batch_size = self.fisher_batch_size or (dm.batch_size if self.fisher_mode == "batch" else dm.eval_batch_size)
+        loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=dm.num_workers)
         device = pl_module.device
         modes = [(m, m.training) for m in pl_module.modules()]
         pl_module.eval()
         try:
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                 sums, count = empirical_fisher(pl_module, self.params, self._batches(trainer, pl_module, loader),
-                                               self.fisher_mode, self.fisher_vectorize)
+                                               self.fisher_mode, self.fisher_method)
         finally:
             for m, mode in modes:
                 m.training = mode

@@ -69,31 +69,70 @@ def test_quadratic_penalty_is_float32_under_bf16_autocast():
     assert value.item() == pytest.approx(4 * 1000 * 0.001**2, rel=1e-3)  # bf16 would round 1.001 to 1.0
 
 
-@pytest.mark.parametrize("vectorize", [True, False])
-def test_per_sample_fisher_is_mammoths_probability_weighted_squared_gradient(vectorize):
+@pytest.mark.parametrize("method", ["linear", "vmap", "loop"])
+def test_per_sample_fisher_is_mammoths_probability_weighted_squared_gradient(method):
     lin = _linear()
     p, r, gw = _hand_terms(lin)
     weight = p[torch.arange(3), Y]  # Mammoth's exp_cond_prob = p(y|x)
     want_w = (weight[:, None, None] * gw.pow(2)).sum(0)
     want_b = (weight[:, None] * r.pow(2)).sum(0)
-    got = fisher_per_sample(lin, dict(lin.named_parameters()), X, Y, vectorize=vectorize)
+    got = fisher_per_sample(lin, dict(lin.named_parameters()), X, Y, method=method)
     torch.testing.assert_close(got["weight"].double(), want_w, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(got["bias"].double(), want_b, rtol=1e-6, atol=1e-7)
     assert got["weight"].dtype == torch.float32 and lin.weight.grad is None  # no .grad left behind
 
 
-@pytest.mark.parametrize("vectorize", [True, False])
-def test_per_sample_fisher_with_a_task_mask_uses_the_kept_outputs_only(vectorize):
+@pytest.mark.parametrize("method", ["linear", "vmap", "loop"])
+def test_per_sample_fisher_with_a_task_mask_uses_the_kept_outputs_only(method):
     lin = _linear()
     keep = torch.tensor([[False, True, True], [True, True, False], [True, True, False]])
     p, r, gw = _hand_terms(lin, keep.to(D))
     weight = p[torch.arange(3), Y]
-    got = fisher_per_sample(lin, dict(lin.named_parameters()), X, Y, keep=keep, vectorize=vectorize)
+    got = fisher_per_sample(lin, dict(lin.named_parameters()), X, Y, keep=keep, method=method)
     torch.testing.assert_close(got["bias"].double(), (weight[:, None] * r.pow(2)).sum(0), rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(got["weight"].double(), (weight[:, None, None] * gw.pow(2)).sum(0), rtol=1e-6,
                                atol=1e-7)
-    unmasked = fisher_per_sample(lin, dict(lin.named_parameters()), X, Y, vectorize=vectorize)
+    unmasked = fisher_per_sample(lin, dict(lin.named_parameters()), X, Y, method=method)
     assert not torch.allclose(unmasked["bias"], got["bias"], rtol=1e-3)  # the mask matters here
+
+
+def test_the_three_per_sample_methods_agree_on_a_network():
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Flatten(), nn.Linear(12, 8), nn.Tanh(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 5)).to(D)
+    x, y = torch.randn(7, 3, 4, dtype=D), torch.randint(0, 5, (7,))
+    params = dict(mlp.named_parameters())
+    ref = fisher_per_sample(mlp, params, x, y, method="loop")
+    for method in ("linear", "vmap", "auto"):
+        got = fisher_per_sample(mlp, params, x, y, method=method)
+        for name in ref:
+            torch.testing.assert_close(got[name], ref[name], rtol=1e-5, atol=1e-8, msg=f"{method} {name}")
+    assert all(p.grad is None for p in mlp.parameters())
+
+
+def test_linear_method_refuses_what_it_cannot_compute_exactly():
+    conv = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(8, 3)).to(D)
+    x, y = torch.randn(4, 1, 4, 4, dtype=D), torch.randint(0, 3, (4,))
+    with pytest.raises(ValueError, match="nn.Linear"):
+        fisher_per_sample(conv, dict(conv.named_parameters()), x, y, method="linear")
+    auto = fisher_per_sample(conv, dict(conv.named_parameters()), x, y, method="auto")  # falls back to vmap
+    torch.testing.assert_close(auto["0.weight"], fisher_per_sample(conv, dict(conv.named_parameters()), x, y,
+                                                                   method="loop")["0.weight"], rtol=1e-5, atol=1e-9)
+
+    class Twice(nn.Module):  # one layer used twice: the sum of per-sample squares is not (w g^2)^T a^2
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(3, 3)
+
+        def forward(self, x):
+            return self.lin(torch.tanh(self.lin(x)))
+
+    twice = Twice().to(D)
+    xt, yt = torch.randn(5, 3, dtype=D), torch.randint(0, 3, (5,))
+    with pytest.raises(ValueError, match="once"):
+        fisher_per_sample(twice, dict(twice.named_parameters()), xt, yt, method="linear")
+    torch.testing.assert_close(fisher_per_sample(twice, dict(twice.named_parameters()), xt, yt)["lin.weight"],
+                               fisher_per_sample(twice, dict(twice.named_parameters()), xt, yt,
+                                                 method="loop")["lin.weight"], rtol=1e-5, atol=1e-9)
 
 
 def test_batch_fisher_is_the_squared_mean_gradient():
