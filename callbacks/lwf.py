@@ -148,9 +148,14 @@ class LwF(ContinualCallback):
         return self.attach_loss(output, self.distillation(output, old), self.term_name)
 
     # ------------------------------------------------------------------ experiences
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # every epoch, not only at experience starts: a run resumed mid-experience needs the groups too
+        dm = self.stream(trainer)
+        self.groups = old_class_groups(dm.classes_in_experience, dm.task_labels, dm.current_experience, self.per_task)
+        super().on_train_epoch_start(trainer, pl_module)
+
     def on_experience_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, experience: int) -> None:
         dm = self.stream(trainer)
-        self.groups = old_class_groups(dm.classes_in_experience, dm.task_labels, experience, self.per_task)
         if experience == 0:
             return
         if self.old_model is None:

@@ -119,3 +119,18 @@ def test_penalty_is_logged_from_the_second_experience():
 def test_bad_settings_are_refused(kwargs, match):
     with pytest.raises(ValueError, match=match):
         OnlineEWC(**kwargs)
+
+
+def test_composes_with_replay_and_the_other_baselines_on_a_batchnorm_cnn():
+    """ER extends the batch, LwF distils it, oEWC and SI add their penalties: one backward carries all
+    of them (a CNN, so the Fisher takes the vmap path, in eval mode for BatchNorm)."""
+    from callbacks import ExperienceReplay, LwF, SynapticIntelligence
+
+    cnn = dict(backbone="small_cnn", backbone_kwargs={"width": 8})
+    cbs = [ExperienceReplay(buffer_size=64, replay_batch_size=8), OnlineEWC(e_lambda=10.0),
+           SynapticIntelligence(c=1.0), LwF(alpha=1.0, warmup_epochs=1)]
+    trainer, model, _ = fit(cbs, stop_after=1, scenario="class", epochs=1, lr=0.05, model_kwargs=cnn,
+                            accumulate_grad_batches=2)
+    for term in ("ewc/penalty", "si/penalty", "lwf/distill"):
+        assert torch.isfinite(trainer.callback_metrics[term]), term
+    assert cbs[1].fisher["net.conv1.weight"].abs().sum() > 0 and cbs[2].importance is not None

@@ -75,12 +75,15 @@ def test_stop_after_an_experience_and_resume_matches_the_uninterrupted_run(tmp_p
         assert cb_r.consolidations == cb_u.consolidations == 5
 
 
-def test_si_resumes_mid_experience_with_its_running_path_integral(tmp_path):
-    """Checkpoint after the first epoch of experience 1: SI's omega is half accumulated there."""
-    _, model_u, cb_u = _run(tmp_path / "full", "si")
+@pytest.mark.parametrize("case", list(CASES))
+def test_resume_mid_experience_matches_the_uninterrupted_run(tmp_path, case):
+    """From the checkpoint after the first epoch of experience 1: SI's omega is half accumulated there, and
+    LwF must distil from the restored old model without its experience-start hook running again."""
+    _, model_u, cb_u = _run(tmp_path / "full", case)
     ckpt = tmp_path / "full" / "ckpt" / "epoch=2.ckpt"
-    saved = torch.load(ckpt, weights_only=False)["callbacks"]
-    (si_state,) = [v for k, v in saved.items() if "SynapticIntelligence" in k]
-    assert any(float(w.abs().sum()) > 0 for w in si_state["omega"].values())
-    _, model_r, cb_r = _run(tmp_path / "resumed", "si", ckpt_path=ckpt)
+    if case == "si":
+        saved = torch.load(ckpt, weights_only=False)["callbacks"]
+        (si_state,) = [v for k, v in saved.items() if "SynapticIntelligence" in k]
+        assert any(float(w.abs().sum()) > 0 for w in si_state["omega"].values())
+    trainer_r, model_r, cb_r = _run(tmp_path / "resumed", case, ckpt_path=ckpt)
     _assert_same(model_u, cb_u, model_r, cb_r)
