@@ -77,13 +77,15 @@ class PathRecorder(pl.Callback):
         self.checked += 1
 
 
-def test_task_gradient_path_integral_with_momentum_and_accumulation():
+@pytest.mark.parametrize("precision", ["32-true", "16-mixed"])
+def test_task_gradient_path_integral_with_momentum_and_accumulation(precision):
     """Zenke's definition: -g_task * delta, with g_task the gradient without SI's term (which every
-    micro-batch adds with seed 1/accumulate), under SGD with momentum so that delta != -lr * g."""
+    micro-batch adds with seed 1/accumulate), under SGD with momentum so that delta != -lr * g; under
+    16-mixed the gradients are read after the scaler's unscale."""
     si = SynapticIntelligence(c=50.0, xi=0.5, path_gradient="task")
     rec = PathRecorder(si, "task")
     trainer, _, _ = fit([si, rec], stop_after=2, epochs=2, model_kwargs={**MLP, "momentum": 0.9}, lr=0.05,
-                  accumulate_grad_batches=2)
+                  accumulate_grad_batches=2, precision=precision)
     assert rec.checked == 3 and si.consolidations == 3
     assert float(trainer.callback_metrics["si/penalty"]) > 0  # the term was there to subtract
 
