@@ -126,16 +126,12 @@ class KFPF(ContinualCallback):
             for ``"kd"`` (default: the LightningModule's own forward).
         seed: seeds the buffer (plus the global rank).
 
-    Defaults: the paper's k, M, learning rate and alpha could not be verified (no official code; see
-    ``../shared/METHODS-kfpf-drtune.md``). ``k=2``, ``M=175``, batch 32, momentum 0.9, cosine decay
-    and ``alpha=0.5`` are this library's choices, from a small sweep on Split-MNIST with one epoch per
-    experience (``examples/bench_kfpf.py``, FPF lr 0.1): fewer, longer phases beat many short ones
-    there, because the last phase decides the final accuracy and 50-60 iterations do not undo the
-    head's bias toward the newest classes. With many epochs per experience (the paper's regime)
-    FPF's cost is small beside training and a larger ``k`` costs little. Under DDP every rank keeps
-    its own buffer over its shard; gradients of the fine-tuned parameters are averaged across ranks
-    at every phase step and the re-estimated running statistics at the end of a phase. A checkpoint
-    holds every rank's state (:mod:`cl_plugins.rank_state`), so each rank resumes its own buffer.
+    Defaults: the paper's k, M, learning rate and alpha could not be verified (no official code);
+    ``k=2``, ``M=175``, batch 32, momentum 0.9, cosine decay, ``lr=0.05`` and ``alpha=0.5`` are this
+    library's choices (``docs/methods/kfpf.md``). Under DDP every rank keeps its own buffer over its
+    shard; gradients of the fine-tuned parameters are averaged across ranks at every phase step and
+    the re-estimated running statistics at the end of a phase. A checkpoint holds every rank's state
+    (:mod:`cl_plugins.rank_state`), so each rank resumes its own buffer.
 
     What the buffer holds: the inputs ``x`` exactly as the training batch delivers them, i.e.
     after the dataset's transforms. When the stream augments per sample in the dataset (e.g.

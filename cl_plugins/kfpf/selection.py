@@ -17,7 +17,8 @@ set by default for any architecture:
   parameter names, for anything else (e.g. ``r"layer4\\.1\\."`` or ``r"pos_embed"``).
 
 The ViT defaults (LayerNorms, head, patch embedding) are this library's analogue of the paper's
-ResNet finding; the paper does not verify them for transformers.
+ResNet finding; the paper does not verify them for transformers. ``KFPF(modules="auto")``
+chooses from measured sensitivity instead (:mod:`cl_plugins.kfpf.auto`).
 """
 
 from __future__ import annotations
