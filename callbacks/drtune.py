@@ -150,8 +150,8 @@ class DRTune(ContinualCallback):
         self.tap: DRTuneTap | None = None
         self._pending: dict[str, Any] | None = None
         self._config: dict[str, Any] | None = None
-        #: whether ``head_init_std`` was applied (once per stream; checkpointed)
-        self.head_initialized = False
+        #: whether the stream's first fit start, where ``head_init_std`` applies, has passed (checkpointed)
+        self.head_init_done = False
         self._lr_scale: HeadLrScale | None = None
         self._head: nn.Module | None = None
         self._reported_rank = False
@@ -183,12 +183,12 @@ class DRTune(ContinualCallback):
         pending, self._pending = self._pending, None
         device = pl_module.device
         self._head, self._reported_rank = head, False
-        if pending is not None:
-            self.head_initialized = bool(pending.get("head_initialized", self.head_initialized))
-        if self.head_init_std is not None and not self.head_initialized:
+        if pending is not None:  # resuming: the head is the checkpoint's, never re-drawn
+            self.head_init_done = True
+        if self.head_init_std is not None and not self.head_init_done:
             init_head_weight(linear, self.head_init_std)
             rank_zero_info(f"DR-Tune: head weight drawn from N(0, {self.head_init_std}) (official head init)")
-        self.head_initialized = self.head_initialized or self.head_init_std is not None
+        self.head_init_done = True
 
         if self.pretrained_features is None:
             if self.frozen is None:  # the first fit: the model is still the pretrained one
@@ -339,7 +339,7 @@ class DRTune(ContinualCallback):
         if self.frozen is not None and self.save_frozen_weights:
             frozen = self.frozen.model.state_dict()
         return {"config": self._config, "regularizer": self.regularizer.state_dict(), "frozen": frozen,
-                "head_initialized": self.head_initialized}
+                "head_init_done": self.head_init_done}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Keeps the state until ``on_fit_start`` builds the bank and the frozen encoder (Lightning

@@ -164,7 +164,7 @@ def test_head_init_and_lr_scale_options_in_a_fit():
     opt = trainer.optimizers[0]
     assert not opt._optimizer_step_pre_hooks and not opt._optimizer_step_post_hooks  # removed after fit
     # the init happens once per stream: a later fit (or a resume, via the state) keeps the trained head
-    assert dr.state_dict()["head_initialized"] is True
+    assert dr.state_dict()["head_init_done"] is True
     end_of_first = model.net.head.weight.detach().clone()
     again = _HeadProbe()
     pl.seed_everything(1, verbose=False)
