@@ -23,7 +23,7 @@ step in one of three ways (``weight``):
 head that must stay valid for the pretrained distribution. Under ``"official"`` the encoder's
 gradient is ``B / (B + K)`` of plain fine-tuning's, as in the official code (where the backbone
 learning rate 0.01 acts like about 3e-4 under a plain mean cross entropy); the official code gives
-the head a 33x larger learning rate (0.33), see :class:`HeadLrScale`.
+the head a 33x larger learning rate (0.33), see :class:`~cl_plugins.drtune.head.HeadLrScale`.
 
 **Which K.** The mean over ``B + K`` rows weights the DR rows by their *number in that step's
 concatenation*. The official ``semantic_calibration`` returns every row of its queue (``model.py``:
