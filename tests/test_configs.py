@@ -19,6 +19,7 @@ import json
 import math
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -126,7 +127,7 @@ def _shrink_args(cfg: dict[str, Any]) -> list[str]:
 
 
 @pytest.fixture
-def restore_global_state():
+def restore_global_state() -> Iterator[None]:
     """Configs set process-wide state (``deterministic: true`` turns on torch's deterministic
     algorithms; seeding and the CLI set environment variables): put it back after each run."""
     env = dict(os.environ)
@@ -158,6 +159,8 @@ def test_readme_lists_every_config():
 
 @pytest.mark.parametrize("config", CONFIGS)
 def test_config_trains_and_evaluates_every_experience(config: str, tmp_path: Path, restore_global_state) -> None:
+    """``train.py fit --config <config>`` (shrunk, see the module docstring) trains each experience,
+    fills one accuracy-matrix row per experience and writes ``metrics.json``."""
     cfg = _load(config)
     _skip_if_pending(cfg)
     _skip_without_shared_data(cfg)
