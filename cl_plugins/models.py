@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import difflib
 import math
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -47,12 +47,20 @@ class SmallCNN(nn.Module):
 
 
 class MLP(nn.Module):
-    """Flatten, hidden layers with ReLU (and dropout when ``dropout > 0``), linear head."""
+    """Flatten, hidden layers with ReLU (and dropout when ``dropout > 0``), linear head.
+
+    ``init``: ``"default"`` keeps PyTorch's ``nn.Linear`` initialization; ``"xavier"`` draws every
+    weight Glorot-uniform and zeroes every bias, as mammoth's ``MNISTMLP`` (the DER paper's Seq-MNIST
+    network), so that its published figures can be reproduced.
+    """
 
     def __init__(
-        self, input_dim: int, num_classes: int = 10, hidden: int = 256, depth: int = 2, dropout: float = 0.0
+        self, input_dim: int, num_classes: int = 10, hidden: int = 256, depth: int = 2, dropout: float = 0.0,
+        init: Literal["default", "xavier"] = "default",
     ) -> None:
         super().__init__()
+        if init not in ("default", "xavier"):
+            raise ValueError(f"MLP init must be 'default' (PyTorch's) or 'xavier' (mammoth's MNISTMLP), got {init!r}")
         layers: list[nn.Module] = [nn.Flatten()]
         d = input_dim
         for _ in range(depth):
@@ -63,6 +71,11 @@ class MLP(nn.Module):
         self.body = nn.Sequential(*layers)
         self.head = nn.Linear(d, num_classes)
         self.num_features = d
+        if init == "xavier":
+            for m in self.modules():
+                if isinstance(m, nn.Linear):
+                    nn.init.xavier_uniform_(m.weight)
+                    nn.init.zeros_(m.bias)
 
     def forward_features(self, x: Tensor) -> Tensor:
         """Last hidden layer (batch, hidden)."""
