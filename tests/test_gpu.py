@@ -295,3 +295,67 @@ def test_cuda_fsdp_one_device(method, tmp_path):
     # in a fresh interpreter: FSDP initializes a process group (NCCL) that would otherwise outlive the test
     res = run_script(FSDP_SCRIPT, tmp_path, timeout=600, args=[method, "gpu", "bf16-mixed", "fsdp"])
     assert res["changed"] > 0
+
+
+# ---------------------------------------------------------------------------------------------- host syncs
+class SyncGuard(pl.Callback):
+    """First callback: ``torch.cuda.set_sync_debug_mode("error")`` from ``on_train_batch_start`` until
+    :attr:`end` (the last callback) in ``on_train_batch_end``, so a host sync anywhere in a training step
+    (callbacks' batch hooks, forward, backward, optimizer step) raises. Left out: the first step of each epoch
+    (masks are built and moved to the device once) and the last (a logging step: the logged values and the
+    non-finite check are read there, as Lightning reads them); ``log_every_n_steps`` must exceed the steps.
+    The CPU version of this check is ``tests/test_host_sync.py``."""
+
+    def __init__(self) -> None:
+        self.guarded = 0
+        self.end = _SyncGuardEnd()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if 0 < batch_idx < trainer.num_training_batches - 1:
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+            self.guarded += 1
+
+
+class _SyncGuardEnd(pl.Callback):
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        torch.cuda.set_sync_debug_mode(0)
+
+
+def _without_sync_check(fn: Callable[..., Any]) -> Callable[..., Any]:
+    def call(*args: Any, **kwargs: Any) -> Any:
+        mode = torch.cuda.get_sync_debug_mode()
+        torch.cuda.set_sync_debug_mode(0)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            torch.cuda.set_sync_debug_mode(mode)
+
+    return call
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("scenario", ["class", "task"])
+@pytest.mark.parametrize("method", ["naive", "replay"])
+def test_cuda_training_steps_do_not_sync(method, scenario, tmp_path, monkeypatch):
+    from cl_plugins.buffers import ReservoirBuffer
+
+    callbacks: list[pl.Callback] = []
+    if method == "replay":
+        # the buffer keeps its samples in host memory by design: copying a batch into it and a replay batch out
+        # of it are copies between host and device (a sync each); everything else in the step must not sync
+        monkeypatch.setattr(ReservoirBuffer, "add", _without_sync_check(ReservoirBuffer.add))
+        monkeypatch.setattr(ReservoirBuffer, "sample", _without_sync_check(ReservoirBuffer.sample))
+        callbacks.append(ExperienceReplay(buffer_size=100, replay_batch_size=16))
+    guard = SyncGuard()
+    pl.seed_everything(0, verbose=False)
+    model = ContinualClassifier("mlp", num_classes=10, input_shape=(1, 8, 8), backbone_kwargs={"hidden": 32}, lr=0.05)
+    trainer = pl.Trainer(**quiet_trainer_kwargs(
+        accelerator="gpu", devices=1, log_every_n_steps=1000, default_root_dir=tmp_path,
+        callbacks=[guard, *callbacks, ContinualMetrics(plot=False), guard.end]))
+    try:
+        trainer.fit(model, datamodule=SplitDigits(n_experiences=N_EXP, batch_size=32, scenario=scenario))
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert guard.guarded >= 25
