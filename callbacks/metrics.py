@@ -3,7 +3,8 @@
 After the last epoch of every experience, the validation pass over the test experiences (one
 validation loader each) fills row ``i`` of ``R[i][j]``; average accuracy, forgetting, BWT and FWT
 (definitions in :mod:`cl_plugins.metrics`) are logged as ``cl/*``, and at the end of ``fit`` the
-matrix goes to ``metrics.json``, a heatmap PNG and a printed table (ARCHITECTURE.md section 5).
+matrix goes to ``metrics.json``, a heatmap PNG, a printed table and the trainer's loggers (ARCHITECTURE.md
+section 5).
 """
 
 from __future__ import annotations
