@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import lightning.pytorch as pl
@@ -35,20 +36,17 @@ class ContinualCallback(Callback):
     Subclasses that override the epoch hooks must call ``super()``.
 
     Subclasses with extra loss terms use :meth:`attach_loss`; their gradients follow Lightning's loss scaling
-    exactly. Each term is logged as ``<name>`` (``<name>_step`` and ``<name>_epoch`` for the loggers) where
-    Lightning writes step metrics and at the last batch of each epoch
-    (:func:`cl_plugins.steplog.log_this_step`): the step value is the term's mean over the steps since the
-    previous write, the epoch value its mean over the epoch's steps (exact: each write counts its steps).
-    A NaN or infinite term raises ``FloatingPointError`` naming it at those steps; no host sync on the
-    others.
+    exactly. Each term is logged as ``<name>`` (``<name>_step`` and ``<name>_epoch`` for the loggers) through
+    :meth:`log_step_values`: where Lightning writes step metrics and at the last batch of each epoch, the
+    step value being the term's mean since the previous write and the epoch value its exact epoch mean; a
+    NaN or infinite term raises ``FloatingPointError`` naming it there, with no host sync on the other steps.
     """
 
     def __init__(self) -> None:
         super().__init__()
         self.aux = AuxLossTracker()
-        # per term: sum of the step means since the last write, and how many steps it holds
-        self._aux_window: dict[str, tuple[Tensor, int]] = {}
-        self._aux_window_start = 0
+        # per name: sum of the values since the last write, their number of steps, the first step
+        self._step_window: dict[str, tuple[Tensor, int, int]] = {}
 
     # ---- experience hooks for subclasses
     def on_experience_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, experience: int) -> None:
@@ -87,23 +85,31 @@ class ContinualCallback(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         means = self.aux.pop_means(check_finite=False)
-        if means and not self._aux_window:
-            self._aux_window_start = trainer.global_step
-        for name, value in means.items():
-            total, steps = self._aux_window.get(name, (0.0, 0))
-            self._aux_window[name] = (value + total, steps + 1)
-        if not self._aux_window or not log_this_step(trainer, batch_idx):
+        if means:
+            self.log_step_values(trainer, pl_module, batch_idx, means, what="auxiliary loss term")
+
+    def log_step_values(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch_idx: int,
+                        values: Mapping[str, Tensor], what: str = "logged value") -> None:
+        """Logs one value per name for this training step, as ``pl_module.log(name, on_step=True,
+        on_epoch=True)`` every step would for the loggers, without its per-step cost: the values are summed
+        where they live and logged where Lightning writes step metrics and at each epoch's last batch
+        (:func:`cl_plugins.steplog.log_this_step`) as the mean since the previous write, weighted by its number
+        of steps, so the epoch means are exact. A NaN or infinite value raises ``FloatingPointError`` there.
+        Call it from ``on_train_batch_end``, at most once per step per name."""
+        for name, value in values.items():
+            total, steps, start = self._step_window.get(name, (0.0, 0, trainer.global_step))
+            self._step_window[name] = (value.detach() + total, steps + 1, start)
+        if not log_this_step(trainer, batch_idx):
             return
-        names = list(self._aux_window)
-        totals = torch.stack([self._aux_window[n][0] for n in names]).tolist()  # one host read per write
-        for name, total in zip(names, totals):
+        names = list(self._step_window)  # every open window: also names not given at this step
+        windows = [self._step_window.pop(name) for name in names]
+        totals = torch.stack([w[0].float() for w in windows]).tolist()  # one host read per write
+        for name, total, (_, _, start) in zip(names, totals, windows):
             if not math.isfinite(total):
                 raise FloatingPointError(
-                    f"auxiliary loss term '{name}' was non-finite ({total}) in the steps since step "
-                    f"{self._aux_window_start}: lower its weight or the learning rate, or train in bf16-mixed / "
-                    "32-true if it overflows in 16-mixed"
+                    f"{what} '{name}' was non-finite ({total}) in the steps since step {start}: lower its weight or "
+                    "the learning rate, or train in bf16-mixed / 32-true if it overflows in 16-mixed"
                 )
-        for name, (total, steps) in self._aux_window.items():
+        for name, (total, steps, _) in zip(names, windows):
             pl_module.log(name, total / steps, on_step=True, on_epoch=True, prog_bar=False, sync_dist=False,
                           batch_size=steps)
-        self._aux_window.clear()
