@@ -23,9 +23,10 @@ Timed: ``trainer.fit`` for the Lightning rows (Trainer construction and the stre
 row shares, are not timed), the training plus per-task evaluation loop for the others. The plain rows evaluate
 with batch ``--eval-batch-size``; our stream runs at its defaults (its ``eval_batch_size`` default included).
 All Lightning rows: ``logger=False``, no checkpointing, progress bar or model summary, no sanity check.
-With ``--rounds R`` the rows run R times round-robin in one process; the table gives the median wall time
-and its ratios, computed within this run. ``--import-runs N`` also times ``import lightning.pytorch`` and
-``import callbacks`` in N fresh interpreters each (median).
+With ``--rounds R`` the rows run R times round-robin in one process; the table gives the median wall time, the
+median CPU time of the process (on a shared machine the CPU time of these single-threaded runs is what they cost;
+the wall time also counts waiting for a core) and their ratios, computed within this run. ``--import-runs N``
+also times ``import lightning.pytorch`` and ``import callbacks`` in N fresh interpreters each (median).
 
     OMP_NUM_THREADS=1 python examples/bench_overhead.py --rounds 3 --import-runs 5
     OMP_NUM_THREADS=1 python examples/bench_overhead.py --rows lightning naive --profile naive  # cProfile
@@ -124,6 +125,21 @@ def evaluate(model: nn.Module, loaders: list[DataLoader], trained: int) -> list[
     return row
 
 
+class Timer:
+    """Wall and CPU time (this process, all threads) of a region: on a shared machine the CPU time of a
+    single-threaded run is what it cost, the wall time also counts waiting for a core."""
+
+    def __enter__(self) -> Timer:
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.wall, self.cpu = time.perf_counter() - self.wall, time.process_time() - self.cpu
+
+    def result(self, matrix: list[list[float]]) -> dict[str, Any]:
+        return {"wall_s": self.wall, "cpu_s": self.cpu, "matrix": matrix}
+
+
 def mlp() -> nn.Module:
     return build_backbone("mlp", NUM_CLASSES, input_shape=(1, 28, 28), **BACKBONE)
 
@@ -166,7 +182,13 @@ def run_torch(data: PlainData, args: argparse.Namespace, replay: bool) -> dict[s
     buffer = PlainReservoir(args.buffer_size, args.seed) if replay else None
     test = data.test_loaders(args.eval_batch_size)
     matrix = []
-    start = time.perf_counter()
+    with Timer() as timer:
+        run_torch_loop(model, opt, buffer, data, test, matrix, args)
+    return timer.result(matrix)
+
+
+def run_torch_loop(model: nn.Module, opt: torch.optim.Optimizer, buffer: PlainReservoir | None, data: PlainData,
+                   test: list[DataLoader], matrix: list[list[float]], args: argparse.Namespace) -> None:
     for task in range(N_TASKS):
         model.train()
         for x, y in data.train_loader(task, args.batch_size, args.seed):
@@ -181,7 +203,6 @@ def run_torch(data: PlainData, args: argparse.Namespace, replay: bool) -> dict[s
             if buffer is not None:
                 buffer.add(x, y)
         matrix.append(evaluate(model, test, task))
-    return {"wall_s": time.perf_counter() - start, "matrix": matrix}
 
 
 # ----------------------------------------------------------------------------- plain Lightning
@@ -250,9 +271,9 @@ def run_lightning(data: PlainData, args: argparse.Namespace) -> dict[str, Any]:
     rows = _Rows()
     trainer = pl.Trainer(max_epochs=N_TASKS, reload_dataloaders_every_n_epochs=1, callbacks=[rows],
                          **trainer_kwargs())
-    start = time.perf_counter()
-    trainer.fit(model, datamodule=PlainTasks(data, args))
-    return {"wall_s": time.perf_counter() - start, "matrix": rows.matrix}
+    with Timer() as timer:
+        trainer.fit(model, datamodule=PlainTasks(data, args))
+    return timer.result(rows.matrix)
 
 
 # ----------------------------------------------------------------------------- ours
@@ -275,9 +296,9 @@ def run_ours(args: argparse.Namespace, replay: bool) -> dict[str, Any]:
         callbacks.insert(0, ExperienceReplay(args.buffer_size, replay_batch_size=args.replay_batch_size,
                                              seed=args.seed))
     trainer = pl.Trainer(callbacks=callbacks, **trainer_kwargs())
-    start = time.perf_counter()
-    trainer.fit(model, datamodule=dm)
-    return {"wall_s": time.perf_counter() - start, "matrix": metrics.matrix}
+    with Timer() as timer:
+        trainer.fit(model, datamodule=dm)
+    return timer.result(metrics.matrix)
 
 
 # ----------------------------------------------------------------------------- Avalanche
@@ -297,13 +318,12 @@ def run_avalanche(data: PlainData, args: argparse.Namespace, replay: bool) -> di
                          evaluator=lambda: EvaluationPlugin(loggers=[]))
     test = data.test_loaders(args.eval_batch_size)
     matrix = []
-    start = time.perf_counter()
-    with warnings.catch_warnings():
+    with Timer() as timer, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for task, experience in enumerate(dm.benchmark.train_stream):
             strategy.train(experience, num_workers=0)
             matrix.append(evaluate(model, test, task))
-    return {"wall_s": time.perf_counter() - start, "matrix": matrix}
+    return timer.result(matrix)
 
 
 # ----------------------------------------------------------------------------- the table
@@ -375,27 +395,34 @@ def main() -> None:
 
     data = PlainData()
     walls: dict[str, list[float]] = {name: [] for name in args.rows}
+    cpus: dict[str, list[float]] = {name: [] for name in args.rows}
     accs: dict[str, list[float]] = {name: [] for name in args.rows}
     t0 = time.perf_counter()
     for r in range(args.rounds):
         for name in args.rows:
             result = ROWS[name](data, args)
             walls[name].append(result["wall_s"])
+            cpus[name].append(result["cpu_s"])
             accs[name].append(continual_summary(result["matrix"])["final"]["avg_acc"])
-            print(f"round {r}: {name:17s} {result['wall_s']:7.2f} s  avg acc {100 * accs[name][-1]:.2f}%", flush=True)
+            print(f"round {r}: {name:17s} wall {result['wall_s']:7.2f} s  CPU {result['cpu_s']:7.2f} s  "
+                  f"avg acc {100 * accs[name][-1]:.2f}%", flush=True)
 
     med = {name: statistics.median(w) for name, w in walls.items()}
-    ref = med.get("lightning")
+    cpu = {name: statistics.median(c) for name, c in cpus.items()}
+    ref, cpu_ref = med.get("lightning"), cpu.get("lightning")
     rows = []
     for name in args.rows:
-        ratio = f"{med[name] / ref:.2f}x" if ref else "-"
-        rows.append([name, DESCRIPTIONS[name], f"{med[name]:.2f}", ratio, f"{100 * statistics.median(accs[name]):.2f}"])
-    text = markdown_table(["row", "what", "wall (s)", "vs plain Lightning", "avg acc (%)"], rows)
+        rows.append([name, DESCRIPTIONS[name], f"{med[name]:.2f}", f"{med[name] / ref:.2f}x" if ref else "-",
+                     f"{cpu[name]:.2f}", f"{cpu[name] / cpu_ref:.2f}x" if cpu_ref else "-",
+                     f"{100 * statistics.median(accs[name]):.2f}"])
+    text = markdown_table(["row", "what", "wall (s)", "wall vs plain Lightning", "CPU (s)", "CPU vs plain Lightning",
+                           "avg acc (%)"], rows)
     notes = []
     if "ER" in med and "avalanche-replay" in med:
-        notes.append(f"ER / Avalanche Naive+Replay: {med['ER'] / med['avalanche-replay']:.2f}x")
+        notes.append(f"ER / Avalanche Naive+Replay: {med['ER'] / med['avalanche-replay']:.2f}x wall, "
+                     f"{cpu['ER'] / cpu['avalanche-replay']:.2f}x CPU")
     if "naive" in med and ref:
-        notes.append(f"naive / plain Lightning: {med['naive'] / ref:.2f}x")
+        notes.append(f"naive / plain Lightning: {med['naive'] / ref:.2f}x wall, {cpu['naive'] / cpu_ref:.2f}x CPU")
     if args.import_runs:
         base = import_seconds("import lightning.pytorch", args.import_runs)
         ours = import_seconds("import callbacks", args.import_runs)
