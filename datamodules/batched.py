@@ -193,17 +193,15 @@ def collate_batched(batch: list[Tensor]) -> list[Tensor]:
 
 
 def _int_column(attribute: Any, n: int) -> Tensor:
+    """The values of an Avalanche data attribute as an int64 column (raises ``_Unsupported`` for non-integers)."""
     from avalanche.benchmarks.utils.flat_data import ConstantSequence
 
     data = attribute.data
-    if isinstance(data, ConstantSequence) and len(data) == n:
-        column = [data[0]]
-    else:
-        column = [attribute[i] for i in range(n)]
-    if not all(isinstance(v, int) and not isinstance(v, bool) for v in column):
+    values = [data[0]] if isinstance(data, ConstantSequence) and len(data) == n else [attribute[i] for i in range(n)]
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
         raise _Unsupported("a data attribute that is not an integer per sample")
-    return torch.tensor(column, dtype=torch.long).expand(n).contiguous() if len(column) == 1 else torch.tensor(
-        column, dtype=torch.long)
+    column = torch.tensor(values, dtype=torch.long)
+    return column.expand(n).clone() if len(values) == 1 else column
 
 
 def _resolve(dataset: Any) -> tuple[list[tuple[Any, list[ColumnMap]]], Tensor, list[Tensor]]:
