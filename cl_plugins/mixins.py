@@ -35,8 +35,9 @@ class ContinualClassificationMixin:
     def _stream(self) -> Any:
         trainer = getattr(self, "_trainer", None)
         dm = getattr(trainer, "datamodule", None) if trainer is not None else None
-        # on the class: hasattr on the instance would run the property (a list copy) on every step
-        return dm if hasattr(type(dm), "classes_in_experience") else None
+        # looked up without running a property (hasattr on the instance would, a list copy on every step)
+        found = hasattr(type(dm), "classes_in_experience") or "classes_in_experience" in getattr(dm, "__dict__", {})
+        return dm if found else None
 
     def _cached_mask(self, dm: Any, key: tuple[Any, ...]) -> Tensor | None:
         # entries keep their datamodule: a new datamodule never reuses the masks of an old one with the same id
