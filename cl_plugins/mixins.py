@@ -104,24 +104,27 @@ class ContinualClassificationMixin:
         return loss
 
     def log_train_loss(self, loss: Tensor, batch_idx: int) -> None:
-        """Logs ``train/loss`` (progress bar too) at the steps where Lightning writes step metrics and at the
-        last batch of each epoch (:func:`cl_plugins.steplog.log_this_step`), and raises ``FloatingPointError``
-        there when a loss since the previous check was NaN or infinite: no host sync on the other steps."""
+        """Logs ``train/loss`` at the steps where Lightning writes step metrics and at the last batch of each
+        epoch (:func:`cl_plugins.steplog.log_this_step`), in the progress bar when the trainer has one, and
+        raises ``FloatingPointError`` there when a loss since the previous check was NaN or infinite: no host
+        sync on the other steps."""
         trainer = getattr(self, "_trainer", None)
         watch = self.__dict__.get("_cl_loss_watch")
         if watch is None:
             watch = self.__dict__["_cl_loss_watch"] = NonFiniteWatch()
-        watch.observe(loss, self.global_step)
+        watch.observe(loss)
         if not log_this_step(trainer, batch_idx):
             return
-        where = watch.check()
+        where = watch.check(self.global_step)
         if where is not None:
             raise FloatingPointError(
                 f"training loss is {where} (precision={getattr(trainer, 'precision', '?')}): lower the learning "
                 "rate, add gradient clipping (gradient_clip_val), or use precision='bf16-mixed' / '32-true' if "
                 "activations overflow in 16-bit"
             )
-        self.log("train/loss", loss, prog_bar=True)
+        # Lightning reads progress-bar values on the host after every step (a sync on an accelerator), so the
+        # loss goes to the progress bar only when the trainer shows one
+        self.log("train/loss", loss, prog_bar=getattr(trainer, "progress_bar_callback", None) is not None)
 
     def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
         x, y, t = batch

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import torch
 from torch import Tensor
 
 
@@ -48,26 +49,28 @@ class NonFiniteWatch:
 
     def __init__(self) -> None:
         self._sum: Tensor | None = None
-        self._first_step: int | None = None
-        self._last_step: int | None = None
+        self._count = 0
 
-    def observe(self, value: Tensor, step: int) -> None:
-        """Records ``value`` (any shape) of ``step``."""
-        total = value.detach().float().sum()
-        self._sum = total if self._sum is None else self._sum + total
-        if self._first_step is None:
-            self._first_step = step
-        self._last_step = step
+    def observe(self, value: Tensor) -> None:
+        """Records ``value`` (any shape) of one step."""
+        value = value.detach()
+        if value.dim():
+            value = value.sum()
+        if value.dtype in (torch.float16, torch.bfloat16):  # a 16-bit sum of many losses could overflow
+            value = value.float()
+        self._sum = value if self._sum is None else self._sum + value
+        self._count += 1
 
-    def check(self) -> str | None:
+    def check(self, step: int) -> str | None:
         """``None`` if every value observed since the last check was finite, else where one was not
-        (``"non-finite (nan) at step 12"``, ``"non-finite (inf) at a step in 10..19"``); then forgets them."""
+        (``"non-finite (nan) at step 12"``, ``"non-finite (inf) at a step in 10..19"``, counting the observed
+        steps back from ``step``, the current one); then forgets them."""
         if self._sum is None:
             return None
-        total, first, last = self._sum, self._first_step, self._last_step
-        self._sum = self._first_step = self._last_step = None
+        total, count = self._sum, self._count
+        self._sum, self._count = None, 0
         value = float(total)  # the one host read, at a logging step
         if math.isfinite(value):
             return None
-        steps = f"step {first}" if first == last else f"a step in {first}..{last}"
+        steps = f"step {step}" if count == 1 else f"a step in {step - count + 1}..{step}"
         return f"non-finite ({value}) at {steps}"
