@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 
 from cl_plugins.aux_loss import AuxLossTracker, attach_aux_loss
+from cl_plugins.steplog import log_this_step
 from datamodules.stream import ContinualDataModule
 
 
@@ -31,13 +35,18 @@ class ContinualCallback(Callback):
     right after resuming from a checkpoint and when a user calls ``fit`` once per experience.
     Subclasses that override the epoch hooks must call ``super()``.
 
-    Subclasses with extra loss terms use :meth:`attach_loss`; the terms are logged as
-    ``<name>`` each step and their gradients follow Lightning's loss scaling exactly.
+    Subclasses with extra loss terms use :meth:`attach_loss`; their gradients follow Lightning's loss scaling
+    exactly. Each term is logged as ``<name>`` (``<name>_step`` and ``<name>_epoch`` for the loggers) through
+    :meth:`log_step_values`: where Lightning writes step metrics and at the last batch of each epoch, the
+    step value being the term's mean since the previous write and the epoch value its exact epoch mean; a
+    NaN or infinite term raises ``FloatingPointError`` naming it there, with no host sync on the other steps.
     """
 
     def __init__(self) -> None:
         super().__init__()
         self.aux = AuxLossTracker()
+        # per name: sum of the values since the last write, their number of steps, the first step
+        self._step_window: dict[str, tuple[Tensor, int, int]] = {}
 
     # ---- experience hooks for subclasses
     def on_experience_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, experience: int) -> None:
@@ -75,5 +84,32 @@ class ContinualCallback(Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        for name, value in self.aux.pop_means().items():
-            pl_module.log(name, value, on_step=True, on_epoch=True, prog_bar=False, sync_dist=False)
+        means = self.aux.pop_means(check_finite=False)
+        if means:
+            self.log_step_values(trainer, pl_module, batch_idx, means, what="auxiliary loss term")
+
+    def log_step_values(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch_idx: int,
+                        values: Mapping[str, Tensor], what: str = "logged value") -> None:
+        """Logs one value per name for this training step, as ``pl_module.log(name, on_step=True,
+        on_epoch=True)`` every step would for the loggers, without its per-step cost: the values are summed
+        where they live and logged where Lightning writes step metrics and at each epoch's last batch
+        (:func:`cl_plugins.steplog.log_this_step`) as the mean since the previous write, weighted by its number
+        of steps, so the epoch means are exact. A NaN or infinite value raises ``FloatingPointError`` there.
+        Call it from ``on_train_batch_end``, at most once per step per name."""
+        for name, value in values.items():
+            total, steps, start = self._step_window.get(name, (0.0, 0, trainer.global_step))
+            self._step_window[name] = (value.detach() + total, steps + 1, start)
+        if not log_this_step(trainer, batch_idx):
+            return
+        names = list(self._step_window)  # every open window: also names not given at this step
+        windows = [self._step_window.pop(name) for name in names]
+        totals = torch.stack([w[0].float() for w in windows]).tolist()  # one host read per write
+        for name, total, (_, _, start) in zip(names, totals, windows):
+            if not math.isfinite(total):
+                raise FloatingPointError(
+                    f"{what} '{name}' was non-finite ({total}) in the steps since step {start}: lower its weight or "
+                    "the learning rate, or train in bf16-mixed / 32-true if it overflows in 16-mixed"
+                )
+        for name, (total, steps, _) in zip(names, windows):
+            pl_module.log(name, total / steps, on_step=True, on_epoch=True, prog_bar=False, sync_dist=False,
+                          batch_size=steps)

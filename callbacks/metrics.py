@@ -3,7 +3,8 @@
 After the last epoch of every experience, the validation pass over the test experiences (one
 validation loader each) fills row ``i`` of ``R[i][j]``; average accuracy, forgetting, BWT and FWT
 (definitions in :mod:`cl_plugins.metrics`) are logged as ``cl/*``, and at the end of ``fit`` the
-matrix goes to ``metrics.json``, a heatmap PNG and a printed table (ARCHITECTURE.md section 5).
+matrix goes to ``metrics.json``, a heatmap PNG, a printed table and the trainer's loggers (ARCHITECTURE.md
+section 5).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
@@ -32,7 +34,7 @@ class ContinualMetrics(ContinualCallback):
     Args:
         output_dir: folder of ``metrics.json``, ``accuracy_matrix.txt`` and ``accuracy_matrix.png``
             (default: the trainer's ``log_dir``, else its ``default_root_dir``).
-        plot: write the heatmap PNG.
+        plot: draw the heatmap (``accuracy_matrix.png``, and an image for the loggers that take images).
         evaluate_initial: at the start of training, evaluate the untrained model on every test
             experience (``b`` of forward transfer; FWT is ``None`` without it).
 
@@ -44,7 +46,9 @@ class ContinualMetrics(ContinualCallback):
 
     After each experience the callback logs ``cl/avg_acc``, ``cl/avg_forgetting``, ``cl/bwt``,
     ``cl/fwt`` (undefined ones are not logged) and ``cl/acc_exp{j}`` (the new row); at the end of
-    every ``fit`` rank zero writes the reports and prints the matrix and the summary.
+    every ``fit`` rank zero writes the reports, sends the final metrics and the matrix (a heatmap image where
+    the logger takes images) to the trainer's loggers (:meth:`log_to_loggers`: TensorBoard, CSV, W&B, ...)
+    and prints the matrix and the summary.
 
     Only validation inside ``fit`` counts (``trainer.validate`` / ``test`` and the sanity check are
     ignored), and only the validation at the end of an experience's last epoch. Attributes:
@@ -302,7 +306,47 @@ class ContinualMetrics(ContinualCallback):
             rank_zero_warn("ContinualMetrics: no experience was completed, so no metrics were written")
             return
         self.output_files = self.write_reports(out)
+        self.log_to_loggers(trainer)
         print(self.table())
+
+    def log_to_loggers(self, trainer: pl.Trainer) -> None:
+        """Sends the results to every logger of ``trainer`` (rank zero calls it at the end of ``fit``):
+
+        - every logger: the final metrics as scalars ``cl/final/<name>`` (``avg_acc``, ``avg_forgetting``,
+          ``bwt``, ``fwt`` where defined) through ``log_metrics``;
+        - TensorBoard: the heatmap as image ``cl/accuracy_matrix`` (``add_image``) and the printed table as
+          text; W&B: the heatmap through ``WandbLogger.log_image`` and the matrix through ``log_table``;
+        - any other logger (CSV, MLflow, ...): the matrix entries as scalars ``cl/R/after_<i>/exp_<j>`` in the
+          row of the final metrics (``metrics.csv`` then holds the whole matrix).
+
+        All at step ``trainer.global_step``; the heatmap only with ``plot=True``.
+        """
+        if not trainer.loggers or not self.matrix:
+            return
+        results = self.results()
+        step = trainer.global_step
+        scalars = {f"cl/final/{name}": float(v) for name, v in results["final"].items() if v is not None}
+        entries = {f"cl/R/after_{i}/exp_{j}": float(v)
+                   for i, row in enumerate(self.matrix) for j, v in enumerate(row) if v is not None}
+        image = matrix_image(self.matrix, _plot_title(results["final"])) if self.plot else None
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                logger.log_metrics(scalars, step=step)
+                writer = logger.experiment
+                if image is not None:
+                    writer.add_image("cl/accuracy_matrix", image, step, dataformats="HWC")
+                writer.add_text("cl/accuracy_matrix", "\n".join("    " + line for line in self.table().splitlines()),
+                                step)
+            elif isinstance(logger, WandbLogger):
+                logger.log_metrics(scalars, step=step)
+                if image is not None:
+                    logger.log_image(key="cl/accuracy_matrix", images=[image], step=step)
+                width = max(len(row) for row in self.matrix)
+                logger.log_table(key="cl/accuracy_matrix_table", columns=["after"] + [f"exp {j}" for j in range(width)],
+                                 data=[[i, *row, *([None] * (width - len(row)))] for i, row in enumerate(self.matrix)],
+                                 step=step)
+            else:
+                logger.log_metrics({**scalars, **entries}, step=step)
 
     def table(self) -> str:
         """The accuracy matrix as the printed table, with the final summary line."""
@@ -364,10 +408,9 @@ def _plot_title(final: Mapping[str, float | None]) -> str:
     return f"avg acc {_fmt(final['avg_acc'])}, forgetting {_fmt(final['avg_forgetting'])}"
 
 
-def plot_matrix(matrix: list[list[float]], path: str | Path, title: str | None = None) -> Path:
-    """Heatmap of ``R`` (rows: after training experience ``i``; columns: test experience ``j``)
-    with every cell annotated in %, written as a PNG with matplotlib's Agg canvas (no pyplot, so
-    no global backend change)."""
+def matrix_figure(matrix: list[list[float]], title: str | None = None) -> Any:
+    """Heatmap of ``R`` (rows: after training experience ``i``; columns: test experience ``j``) with every cell
+    annotated in %, as a matplotlib ``Figure`` on an Agg canvas (no pyplot, so no global backend change)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -394,6 +437,21 @@ def plot_matrix(matrix: list[list[float]], path: str | Path, title: str | None =
         ax.set_title(title, fontsize=10)
     fig.colorbar(im, ax=ax, label="accuracy")
     fig.tight_layout()
+    return fig
+
+
+def plot_matrix(matrix: list[list[float]], path: str | Path, title: str | None = None) -> Path:
+    """Writes the heatmap of :func:`matrix_figure` as a PNG."""
     path = Path(path)
-    fig.savefig(path, dpi=100)
+    matrix_figure(matrix, title).savefig(path, dpi=100)
     return path
+
+
+def matrix_image(matrix: list[list[float]], title: str | None = None) -> Any:
+    """The heatmap of :func:`matrix_figure` as an RGB ``uint8`` numpy array (height, width, 3), for loggers."""
+    import numpy as np
+
+    fig = matrix_figure(matrix, title)
+    fig.set_dpi(100)
+    fig.canvas.draw()
+    return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from cl_plugins.steplog import NonFiniteWatch, log_this_step
+
 
 class ContinualClassificationMixin:
     """Standard ``training_step`` / ``validation_step`` for ``(x, y, task_label)`` stream batches.
@@ -18,7 +20,10 @@ class ContinualClassificationMixin:
       (``mask_unseen_classes``); training uses every output;
     - validation logs ``val/loss_exp{j}`` and ``val/acc_exp{j}`` for test experience ``j`` and
       returns ``{"preds", "target"}`` for the metrics callback;
-    - a non-finite training loss raises ``FloatingPointError`` with what to change.
+    - ``train/loss`` is logged where Lightning writes step metrics (every ``log_every_n_steps``) and at the
+      last batch of each epoch, not every step (``self.log`` costs about a small model's step); a non-finite
+      training loss raises ``FloatingPointError`` with what to change at the next of those steps (checking
+      every step would make the host wait for the device every step).
 
     The host class is a ``LightningModule`` whose ``forward(x)`` returns logits.
     """
@@ -26,34 +31,50 @@ class ContinualClassificationMixin:
     #: in class-IL evaluation, restrict predictions to the classes seen so far
     mask_unseen_classes: bool = True
 
-    # ---- masks from the stream
+    # ---- masks from the stream (built once per stream, experience and device: read on every step)
     def _stream(self) -> Any:
         trainer = getattr(self, "_trainer", None)
         dm = getattr(trainer, "datamodule", None) if trainer is not None else None
-        return dm if hasattr(dm, "classes_in_experience") else None
+        # looked up without running a property (hasattr on the instance would, a list copy on every step)
+        found = hasattr(type(dm), "classes_in_experience") or "classes_in_experience" in getattr(dm, "__dict__", {})
+        return dm if found else None
+
+    def _cached_mask(self, dm: Any, key: tuple[Any, ...]) -> Tensor | None:
+        # entries keep their datamodule: a new datamodule never reuses the masks of an old one with the same id
+        entry = self.__dict__.setdefault("_cl_masks", {}).get((id(dm), *key))
+        return entry[1] if entry is not None and entry[0] is dm else None
+
+    def _cache_mask(self, dm: Any, key: tuple[Any, ...], mask: Tensor) -> Tensor:
+        self.__dict__["_cl_masks"][(id(dm), *key)] = (dm, mask)
+        return mask
 
     def _task_class_mask(self, task_labels: Tensor, num_outputs: int) -> Tensor | None:
         dm = self._stream()
         if dm is None or dm.scenario != "task":
             return None
-        cache = getattr(self, "_cl_task_masks", None)
-        if cache is None or cache.shape[1] != num_outputs:
+        key = ("task", num_outputs, task_labels.device)
+        table = self._cached_mask(dm, key)
+        if table is None:
             n_tasks = 1 + max(t for ts in dm.task_labels for t in ts)
-            cache = torch.zeros(n_tasks, num_outputs, dtype=torch.bool)
+            table = torch.zeros(n_tasks, num_outputs, dtype=torch.bool)
             for classes, tasks in zip(dm.classes_in_experience, dm.task_labels):
                 for t in tasks:
-                    cache[t, list(classes)] = True
-            self._cl_task_masks = cache
-        return cache.to(task_labels.device)[task_labels.long()]
+                    table[t, list(classes)] = True
+            table = self._cache_mask(dm, key, table.to(task_labels.device))
+        return table[task_labels.long()]
 
     def _seen_class_mask(self, num_outputs: int, device: torch.device) -> Tensor | None:
         dm = self._stream()
         if dm is None or dm.scenario != "class" or not self.mask_unseen_classes or dm.joint:
             return None
         current = dm.current_experience
-        mask = torch.zeros(num_outputs, dtype=torch.bool, device=device)
-        for classes in dm.classes_in_experience[: current + 1]:
-            mask[list(classes)] = True
+        key = ("seen", current, num_outputs, device)
+        mask = self._cached_mask(dm, key)
+        if mask is None:
+            mask = torch.zeros(num_outputs, dtype=torch.bool)
+            for classes in dm.classes_in_experience[: current + 1]:
+                mask[list(classes)] = True
+            mask = self._cache_mask(dm, key, mask.to(device))
         return mask
 
     def masked_logits(self, logits: Tensor, task_labels: Tensor, evaluation: bool) -> Tensor:
@@ -79,15 +100,31 @@ class ContinualClassificationMixin:
         x, y, t = batch
         logits = self.masked_logits(self(x), t, evaluation=False)
         loss = F.cross_entropy(logits.float(), y)
-        if not torch.isfinite(loss):
-            precision = getattr(getattr(self, "_trainer", None), "precision", "?")
-            raise FloatingPointError(
-                f"training loss is {loss.item()} at step {self.global_step} (precision={precision}): "
-                "lower the learning rate, add gradient clipping (gradient_clip_val), or use "
-                "precision='bf16-mixed' / '32-true' if activations overflow in 16-bit"
-            )
-        self.log("train/loss", loss, prog_bar=True)
+        self.log_train_loss(loss, batch_idx)
         return loss
+
+    def log_train_loss(self, loss: Tensor, batch_idx: int) -> None:
+        """Logs ``train/loss`` at the steps where Lightning writes step metrics and at the last batch of each
+        epoch (:func:`cl_plugins.steplog.log_this_step`), in the progress bar when the trainer has one, and
+        raises ``FloatingPointError`` there when a loss since the previous check was NaN or infinite: no host
+        sync on the other steps."""
+        trainer = getattr(self, "_trainer", None)
+        watch = self.__dict__.get("_cl_loss_watch")
+        if watch is None:
+            watch = self.__dict__["_cl_loss_watch"] = NonFiniteWatch()
+        watch.observe(loss)
+        if not log_this_step(trainer, batch_idx):
+            return
+        where = watch.check(self.global_step)
+        if where is not None:
+            raise FloatingPointError(
+                f"training loss is {where} (precision={getattr(trainer, 'precision', '?')}): lower the learning "
+                "rate, add gradient clipping (gradient_clip_val), or use precision='bf16-mixed' / '32-true' if "
+                "activations overflow in 16-bit"
+            )
+        # Lightning reads progress-bar values on the host after every step (a sync on an accelerator), so the
+        # loss goes to the progress bar only when the trainer shows one
+        self.log("train/loss", loss, prog_bar=getattr(trainer, "progress_bar_callback", None) is not None)
 
     def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
         x, y, t = batch

@@ -19,7 +19,14 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSampler, Sampler
 
+from datamodules.batched import BatchedView, batched_view, collate_batched
+
 Scenario = Literal["class", "domain", "task"]
+
+#: evaluation batch size when none is given: large, because evaluation keeps no activations for backward and
+#: every validation step costs Lightning's per-step work (lower it where a large model's activations at this
+#: batch do not fit in memory)
+DEFAULT_EVAL_BATCH_SIZE = 1000
 
 #: Lightning turns an unset ``max_epochs`` into this value before any hook runs.
 _LIGHTNING_DEFAULT_MAX_EPOCHS = 1000
@@ -105,13 +112,18 @@ class ContinualDataModule(pl.LightningDataModule):
         epochs_per_experience: ``E``; the trainer needs ``max_epochs = num_experiences * E``
             (set automatically when ``max_epochs`` is left unset).
         batch_size: training batch size (per process under DDP).
-        eval_batch_size: batch size of the validation loaders (default: ``batch_size``).
+        eval_batch_size: batch size of the validation and test loaders, independent of ``batch_size``
+            (default :data:`DEFAULT_EVAL_BATCH_SIZE`, 1000; lower it where a large model's evaluation at that
+            batch does not fit in memory).
         num_workers: DataLoader workers.
         scenario: ``"class"``, ``"domain"`` or ``"task"``; inferred from the stream when ``None``.
         seed: seeds the shuffling of every epoch (resumable runs see the same batches).
         joint: train once on the union of all training experiences (the upper-bound baseline).
         experience: pin training to this one experience, for users who call ``fit`` once per
             experience (each ``fit`` then trains exactly ``E`` epochs).
+
+    Loaders read whole batches at once where the datasets allow it (:mod:`datamodules.batched`: the built-in
+    image and tensor streams), with the same batches as per-sample reads.
     """
 
     def __init__(
@@ -131,18 +143,26 @@ class ContinualDataModule(pl.LightningDataModule):
             raise StreamConfigError(f"epochs_per_experience must be >= 1, got {epochs_per_experience}")
         if batch_size < 1:
             raise StreamConfigError(f"batch_size must be >= 1, got {batch_size}")
+        if eval_batch_size is not None and eval_batch_size < 1:
+            raise StreamConfigError(f"eval_batch_size must be >= 1 (or None for {DEFAULT_EVAL_BATCH_SIZE}), "
+                                    f"got {eval_batch_size}")
         if scenario not in (None, "class", "domain", "task"):
             raise StreamConfigError(f"scenario must be 'class', 'domain' or 'task', got {scenario!r}")
         self._benchmark = benchmark
         self.epochs_per_experience = epochs_per_experience
         self.batch_size = batch_size
-        self.eval_batch_size = eval_batch_size or batch_size
+        self.eval_batch_size = eval_batch_size or DEFAULT_EVAL_BATCH_SIZE
         self.num_workers = num_workers
         self._scenario = scenario
         self.seed = seed
         self.joint = joint
         self._pinned = experience
         self._checked = False
+        # per-experience facts of the (fixed) benchmark, computed once: read on every step by the mixin
+        self._facts: dict[str, Any] = {}
+        # dataset -> its batched view (None: per-sample reads); the dataset is kept so that its id stays unique
+        self._views: dict[int, tuple[Dataset, BatchedView | None]] = {}
+        self._joint_dataset: Dataset | None = None
 
     # ------------------------------------------------------------------ the stream
     def build_benchmark(self) -> Any:
@@ -197,23 +217,26 @@ class ContinualDataModule(pl.LightningDataModule):
         """Experiences the trainer goes through: 1 in joint mode, else ``num_experiences``."""
         return 1 if self.joint else self.num_experiences
 
+    def _fact(self, name: str, compute: Any) -> Any:
+        _ = self.benchmark
+        if name not in self._facts:
+            self._facts[name] = compute()
+        return self._facts[name]
+
     @property
     def classes_in_experience(self) -> list[tuple[int, ...]]:
         """Classes of each training experience."""
-        _ = self.benchmark
-        return [_experience_classes(e) for e in self._train_exps]
+        return list(self._fact("classes", lambda: [_experience_classes(e) for e in self._train_exps]))
 
     @property
     def task_labels(self) -> list[tuple[int, ...]]:
         """Task labels of each training experience."""
-        _ = self.benchmark
-        return [_experience_task_labels(e) for e in self._train_exps]
+        return list(self._fact("task_labels", lambda: [_experience_task_labels(e) for e in self._train_exps]))
 
     @property
     def test_classes_in_experience(self) -> list[tuple[int, ...]]:
         """Classes of each test experience."""
-        _ = self.benchmark
-        return [_experience_classes(e) for e in self._test_exps]
+        return list(self._fact("test_classes", lambda: [_experience_classes(e) for e in self._test_exps]))
 
     @property
     def num_classes(self) -> int:
@@ -226,6 +249,9 @@ class ContinualDataModule(pl.LightningDataModule):
         classes in every experience -> domain-IL; else class-IL)."""
         if self._scenario is not None:
             return self._scenario
+        return self._fact("scenario", self._infer_scenario)
+
+    def _infer_scenario(self) -> Scenario:
         if len({t for ts in self.task_labels for t in ts}) > 1:
             return "task"
         if len(set(self.classes_in_experience)) == 1 and self.num_experiences > 1:
@@ -330,7 +356,9 @@ class ContinualDataModule(pl.LightningDataModule):
         """Training data of one experience (the union of all of them in joint mode)."""
         _ = self.benchmark
         if self.joint and self._pinned is None:
-            return ConcatDataset([e.dataset for e in self._train_exps])
+            if self._joint_dataset is None:
+                self._joint_dataset = ConcatDataset([e.dataset for e in self._train_exps])
+            return self._joint_dataset
         return self._train_exps[experience].dataset
 
     def test_dataset(self, experience: int) -> Dataset:
@@ -356,22 +384,27 @@ class ContinualDataModule(pl.LightningDataModule):
             sampler.set_epoch(epoch)
         else:
             sampler = _EpochSeededSampler(len(dataset), self.seed, epoch)  # type: ignore[arg-type]
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            sampler=sampler,
-            num_workers=self.num_workers,
-            persistent_workers=False,
-            drop_last=False,
-        )
+        return self._loader(dataset, self.batch_size, sampler)
 
     def _eval_loader(self, dataset: Dataset) -> DataLoader:
         world, rank = self._dist()
         sampler = _UnpaddedDistributedSampler(dataset, world, rank) if world > 1 else None
-        return DataLoader(
-            dataset, batch_size=self.eval_batch_size, shuffle=False, sampler=sampler,
-            num_workers=self.num_workers,
-        )
+        return self._loader(dataset, self.eval_batch_size, sampler)
+
+    def loader_dataset(self, dataset: Dataset) -> Dataset:
+        """What the loaders read for ``dataset``: its :class:`~datamodules.batched.BatchedView` where the
+        dataset allows batched reads (built once per dataset), else ``dataset`` itself."""
+        cached = self._views.get(id(dataset))
+        if cached is None or cached[0] is not dataset:
+            cached = (dataset, batched_view(dataset))
+            self._views[id(dataset)] = cached
+        return cached[1] if cached[1] is not None else dataset
+
+    def _loader(self, dataset: Dataset, batch_size: int, sampler: Sampler[int] | None) -> DataLoader:
+        data = self.loader_dataset(dataset)
+        extra = {"collate_fn": collate_batched} if isinstance(data, BatchedView) else {}
+        return DataLoader(data, batch_size=batch_size, shuffle=False, sampler=sampler,
+                          num_workers=self.num_workers, persistent_workers=False, drop_last=False, **extra)
 
     @property
     def num_test_experiences(self) -> int:

@@ -391,8 +391,47 @@ def test_cpu_no_sync_steps_body_runs(method, monkeypatch):
     check_no_sync_steps(method, "cpu", monkeypatch)
 
 
+def _without_sync_check(fn: Callable[..., Any]) -> Callable[..., Any]:
+    def call(*args: Any, **kwargs: Any) -> Any:
+        mode = torch.cuda.get_sync_debug_mode()
+        torch.cuda.set_sync_debug_mode(0)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            torch.cuda.set_sync_debug_mode(mode)
+
+    return call
+
+
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("method", ["pego", "loramoe"])
 def test_cuda_adapter_steps_make_no_host_sync(method, monkeypatch):
     check_no_sync_steps(method, "gpu", monkeypatch)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("scenario", ["class", "task"])
+@pytest.mark.parametrize("method", ["naive", "replay"])
+def test_cuda_training_steps_do_not_sync(method, scenario, tmp_path, monkeypatch):
+    from cl_plugins.buffers import ReservoirBuffer
+
+    callbacks: list[pl.Callback] = []
+    if method == "replay":
+        # the buffer keeps its samples in host memory by design: copying a batch into it and a replay batch out
+        # of it are copies between host and device (a sync each); everything else in the step must not sync
+        monkeypatch.setattr(ReservoirBuffer, "add", _without_sync_check(ReservoirBuffer.add))
+        monkeypatch.setattr(ReservoirBuffer, "sample", _without_sync_check(ReservoirBuffer.sample))
+        callbacks.append(ExperienceReplay(buffer_size=100, replay_batch_size=16))
+    guard = SyncErrorSteps("gpu")
+    pl.seed_everything(0, verbose=False)
+    model = ContinualClassifier("mlp", num_classes=10, input_shape=(1, 8, 8), backbone_kwargs={"hidden": 32}, lr=0.05)
+    trainer = pl.Trainer(**quiet_trainer_kwargs(
+        accelerator="gpu", devices=1, log_every_n_steps=1000, default_root_dir=tmp_path,
+        callbacks=[guard, *callbacks, ContinualMetrics(plot=False), guard.end]))
+    try:
+        trainer.fit(model, datamodule=SplitDigits(n_experiences=N_EXP, batch_size=32, scenario=scenario))
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert guard.checked >= 25
