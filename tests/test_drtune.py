@@ -19,7 +19,7 @@ from cl_plugins.drtune import dr_loss, mean_norm
 from datamodules import SplitDigits
 from tests._subprocess import run_script
 from tests.conftest import quiet_trainer_kwargs
-from tests.helpers import StopAfter
+from tests.helpers import StepLosses, StopAfter, assert_losses_track_float32
 from tests.tolerances import EPS32, ULPS, assert_close_accumulated
 
 
@@ -119,8 +119,12 @@ def test_attached_gradients_equal_loss_plus_weighted_dr_under_accumulation():
 
 
 def test_bf16_mixed_keeps_calibration_in_float32():
-    dr = DRTune(dr_weight=1.0, bank_size=100, rotation_interval=2)
-    trainer, _ = _fit([dr], precision="bf16-mixed", limit_train_batches=3, limit_val_batches=1)
+    dr, losses = DRTune(dr_weight=1.0, bank_size=100, rotation_interval=2), StepLosses()
+    trainer, _ = _fit([dr, losses], precision="bf16-mixed", limit_train_batches=3, limit_val_batches=1)
+    reference = StepLosses(stop=True)  # the 32-true run's first steps (3 steps per epoch: 2 epochs)
+    _fit([DRTune(dr_weight=1.0, bank_size=100, rotation_interval=2), reference], limit_train_batches=3,
+         limit_val_batches=1)
+    assert_losses_track_float32(losses.losses, reference.losses)
     reg = dr.regularizer
     assert reg.bank.pre.dtype == torch.float32 and reg.rotation.dtype == torch.float32
     assert bool(reg.has_rotation)

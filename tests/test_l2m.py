@@ -18,7 +18,7 @@ from datamodules.digits import SplitDigits
 from datamodules.stream import ContinualDataModule
 from tests._subprocess import run_script
 from tests.conftest import quiet_trainer_kwargs
-from tests.helpers import StopAfter
+from tests.helpers import StepLosses, StopAfter, assert_losses_track_float32
 from tests.tolerances import FLOAT64_TOL, assert_close_accumulated
 
 VIT_KW = dict(img_size=8, patch_size=4, embed_dim=32, depth=2, num_heads=2)
@@ -210,12 +210,18 @@ def test_two_adapters_on_one_layer_are_refused_in_either_order():
     LoRA(targets=[r"attn\.proj$"]).apply_to(model)  # disjoint layers: fine
 
 
-def test_bf16_mixed_trains_with_float32_selection():
+def _fit_experience_0(precision: str, callbacks: list) -> tuple[pl.Trainer, ContinualClassifier, StepLosses]:
     pl.seed_everything(0)
     dm = SplitDigits(n_experiences=5, epochs_per_experience=1, batch_size=32, experience=0)
     model = _vit()
-    l2m = L2M(pool_size=4)
-    trainer = pl.Trainer(**quiet_trainer_kwargs(callbacks=[l2m], precision="bf16-mixed", limit_val_batches=1))
+    losses = StepLosses(stop=precision == "32-true")  # the 32-true reference: its first steps only
+    trainer = pl.Trainer(**quiet_trainer_kwargs(callbacks=[*callbacks, losses], precision=precision,
+                                                limit_val_batches=1))
+    trainer.fit(model, datamodule=dm)
+    return trainer, model, losses
+
+
+def test_bf16_mixed_trains_with_float32_selection():
     keys0 = None
 
     class Snapshot(ContinualCallback):
@@ -223,9 +229,9 @@ def test_bf16_mixed_trains_with_float32_selection():
             nonlocal keys0
             keys0 = pl_module.l2m_pool.keys.detach().clone()
 
-    trainer.callbacks.append(Snapshot())
-    trainer.fit(model, datamodule=dm)
+    trainer, model, losses = _fit_experience_0("bf16-mixed", [L2M(pool_size=4), Snapshot()])
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
+    assert_losses_track_float32(losses.losses, _fit_experience_0("32-true", [L2M(pool_size=4)])[2].losses)
     assert model.l2m_pool.last_key_loss.dtype == torch.float32
     assert not torch.equal(keys0, model.l2m_pool.keys)
     assert model.net.blocks[1].mlp.fc1.lora_B.abs().sum() > 0

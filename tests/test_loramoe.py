@@ -21,7 +21,7 @@ from datamodules.digits import SplitDigits
 from datamodules.stream import ContinualDataModule
 from tests._subprocess import run_script
 from tests.conftest import quiet_trainer_kwargs
-from tests.helpers import StopAfter
+from tests.helpers import StepLosses, StopAfter, assert_losses_track_float32
 
 VIT_KW = dict(img_size=8, patch_size=4, embed_dim=32, depth=2, num_heads=2)
 BERT_CFG = dict(vocab_size=40, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
@@ -127,14 +127,21 @@ def test_bert_ffn_placement_on_a_token_stream():
         pl.Trainer(**quiet_trainer_kwargs(callbacks=[LoRAMoE(num_experts=4)])).fit(model, datamodule=dm)
 
 
-def test_bf16_mixed_trains_with_float32_router_and_constraint():
+def _fit_experience_0(precision: str, moe: LoRAMoE) -> tuple[pl.Trainer, ContinualClassifier, StepLosses]:
     pl.seed_everything(0)
     dm = SplitDigits(n_experiences=5, epochs_per_experience=1, batch_size=32, experience=0)
     model = _vit()
-    moe = LoRAMoE()
-    trainer = pl.Trainer(**quiet_trainer_kwargs(callbacks=[moe], precision="bf16-mixed", limit_val_batches=1))
+    losses = StepLosses(stop=precision == "32-true")  # the 32-true reference: its first steps only
+    trainer = pl.Trainer(**quiet_trainer_kwargs(callbacks=[moe, losses], precision=precision, limit_val_batches=1))
     trainer.fit(model, datamodule=dm)
+    return trainer, model, losses
+
+
+def test_bf16_mixed_trains_with_float32_router_and_constraint():
+    moe = LoRAMoE()
+    trainer, model, losses = _fit_experience_0("bf16-mixed", moe)
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
+    assert_losses_track_float32(losses.losses, _fit_experience_0("32-true", LoRAMoE())[2].losses)
     assert torch.isfinite(trainer.callback_metrics["loramoe/balance_loss_epoch"])
     assert model.net.blocks[1].mlp.fc2.experts.lora_B.abs().sum() > 0
     model.train()

@@ -21,7 +21,7 @@ from datamodules.digits import SplitDigits
 from datamodules.stream import ContinualDataModule
 from tests._subprocess import run_script
 from tests.conftest import quiet_trainer_kwargs
-from tests.helpers import StopAfter
+from tests.helpers import StepLosses, StopAfter, assert_losses_track_float32
 from tests.tolerances import EPS32, ULPS, abs_forward, assert_close_accumulated, merged_weight_magnitude
 
 VIT_KW = dict(img_size=8, patch_size=4, embed_dim=32, depth=2, num_heads=2)
@@ -160,11 +160,15 @@ def test_bf16_mixed_trains_with_float32_terms():
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 self.dtypes |= {t.dtype for t in pego.regularizer().values()}
 
-    check = Check()
-    trainer = pl.Trainer(**quiet_trainer_kwargs(callbacks=[pego, check], precision="bf16-mixed",
+    check, losses = Check(), StepLosses()
+    trainer = pl.Trainer(**quiet_trainer_kwargs(callbacks=[pego, check, losses], precision="bf16-mixed",
                                                 limit_train_batches=6))
     trainer.fit(model, datamodule=_digits())
     assert check.dtypes == {torch.float32}
+    pl.seed_everything(0)  # the 32-true reference: the same run, its first steps
+    model32, reference = _vit(), StepLosses(stop=True)
+    pl.Trainer(**quiet_trainer_kwargs(callbacks=[PEGO(), reference], limit_train_batches=6)).fit(model32, _digits())
+    assert_losses_track_float32(losses.losses, reference.losses)
     assert all(torch.isfinite(trainer.callback_metrics[k]) and trainer.callback_metrics[k] > 0 for k in TERMS)
     assert all(p.dtype == torch.float32 for n, p in model.named_parameters() if ".lora_" in n)
     assert pego.is_merged(model)
