@@ -1,6 +1,7 @@
 """Lightning callbacks: thin adapters over the method cores in ``cl_plugins``."""
 
 from callbacks.base import ContinualCallback, get_stream
+from callbacks.der import DER, DERPP
 from callbacks.drtune import DRTune
 from callbacks.injection import InjectionCallback
 from callbacks.joint import JointTraining
@@ -13,6 +14,8 @@ from callbacks.pego import PEGO
 from callbacks.replay import ExperienceReplay
 
 __all__ = [
+    "DER",
+    "DERPP",
     "DRTune",
     "FPF",
     "KFPF",

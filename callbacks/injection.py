@@ -15,6 +15,7 @@ import lightning.pytorch as pl
 from torch import nn
 
 from callbacks.base import ContinualCallback
+from cl_plugins.peft.adapters import INJECTED, INJECTED_PARAMS
 from cl_plugins.peft.targets import freeze_parameters
 from cl_plugins.protocols import find_head
 
@@ -27,9 +28,10 @@ class InjectionCallback(ContinualCallback):
         head_name: qualified name of the head when the defaults of ``find_head`` do not find it.
     """
 
-    #: attribute on the LightningModule recording which callbacks already injected
-    _REGISTRY = "_cl_injected"
-    _PARAM_REGISTRY = "_cl_injected_params"
+    #: attributes on the LightningModule recording which callbacks already injected (shared with
+    #: :mod:`cl_plugins.export`, which drops an injection it merged away and restores saved ones)
+    _REGISTRY = INJECTED
+    _PARAM_REGISTRY = INJECTED_PARAMS
 
     def __init__(self, train_head: bool = True, head_name: str | None = None) -> None:
         super().__init__()
@@ -44,7 +46,7 @@ class InjectionCallback(ContinualCallback):
 
     def other_injections(self, pl_module: pl.LightningModule) -> dict[str, list[str]]:
         """The modules other injections registered on ``pl_module`` (injection key -> qualified names),
-        for :func:`cl_plugins.peft.lora.check_not_adapted`."""
+        for :func:`cl_plugins.peft.adapters.refuse_adapted`."""
         registry: dict[str, list[str]] = pl_module.__dict__.get(self._REGISTRY, {})
         return {k: v for k, v in registry.items() if k != self.injection_key}
 

@@ -15,19 +15,21 @@ rows of the training forward's output, which are the current samples when ER app
 after them.
 
 Whose buffer (``buffer_from``): FPF "on top of" a replay method fine-tunes on *that method's*
-buffer (Zhao et al.), so :class:`FPF` by default (``"auto"``) reads the buffer of the
-``ExperienceReplay`` callback of the same trainer when there is one, and holds no buffer of its
-own: FPF after ER keeps the memory of ER alone. It draws its phase batches from that buffer with a
-private generator, so ER's reservoir and replay draws are the same with or without FPF. The shared
-buffer is saved in the checkpoint by its owner (ER); k-FPF saves only its generator. k-FPF-KD
-needs the logits stored at insertion, which ER's buffer does not hold, so it cannot share
-(``buffer_from="replay"`` with ``variant="kd"`` raises; ``"auto"`` then builds its own buffer).
+buffer (Zhao et al.), so :class:`FPF` by default (``"auto"``) reads the buffer of the trainer's
+buffer provider (:class:`~cl_plugins.buffer_contract.BufferProvider`: ``ExperienceReplay``, ``DER``,
+``DERPP``) when there is one, and holds no buffer of its own: FPF after ER keeps the memory of ER
+alone. It draws its phase batches from that buffer with a private generator, so the owner's
+reservoir and replay draws are the same with or without FPF. The shared buffer is saved in the
+checkpoint by its owner; k-FPF saves only its generator. k-FPF-KD needs the logits stored at
+insertion: DER's buffer holds them, ER's does not (``buffer_from="replay"`` with ``variant="kd"``
+on ER raises; ``"auto"`` then builds its own buffer).
 :class:`KFPF` defaults to its own buffer (``"own"``): k-FPF itself has no every-step replay.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any, Literal, get_args
 
 import lightning.pytorch as pl
@@ -37,7 +39,13 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from callbacks.base import ContinualCallback
-from callbacks.replay import ExperienceReplay
+from cl_plugins.buffer_contract import (
+    BufferProvider,
+    ReplayForwardListener,
+    buffer_providers,
+    check_before_batch_extenders,
+    find_buffer_provider,
+)
 from cl_plugins.buffers import ReservoirBuffer
 from cl_plugins.kfpf.phase import (
     ComputeLedger,
@@ -61,7 +69,7 @@ DEFAULT_BUFFER_SIZE = 500
 BufferSource = Literal["auto", "own", "replay"]
 
 
-class KFPF(ContinualCallback):
+class KFPF(ContinualCallback, BufferProvider, ReplayForwardListener):
     """k-FPF: plain training plus ``k`` fine-tuning phases of the forgetting-prone modules.
 
     Args:
@@ -73,10 +81,11 @@ class KFPF(ContinualCallback):
             ``DEFAULT_BUFFER_SIZE``). With a shared buffer the capacity is the owner's: leave it
             unset (a different value raises).
         buffer_from: ``"own"`` (default for ``KFPF``): a reservoir of k-FPF's own, filled with the
-            batches it sees; ``"replay"``: the buffer of the trainer's
-            :class:`~callbacks.replay.ExperienceReplay` callback, read only (CE variant only);
-            ``"auto"`` (default for :class:`FPF`): ``"replay"`` when the trainer has an
-            ``ExperienceReplay`` callback and the variant is ``"ce"``, else ``"own"``.
+            batches it sees; ``"replay"``: the buffer of the trainer's buffer provider
+            (:class:`~cl_plugins.buffer_contract.BufferProvider`: ``ExperienceReplay``, ``DER``,
+            ``DERPP``), read only (``"kd"`` needs one that stores logits: DER/DERPP);
+            ``"auto"`` (default for :class:`FPF`): ``"replay"`` when the trainer has a buffer
+            provider whose buffer serves the variant, else ``"own"``.
         batch_size: buffer batch size of a phase iteration.
         variant: ``"ce"`` (k-FPF-CE: cross-entropy on buffer batches) or ``"kd"`` (k-FPF-KD: plus
             ``alpha * MSE`` to the logits stored at insertion, as in DER).
@@ -167,12 +176,6 @@ class KFPF(ContinualCallback):
             raise ValueError(f"variant must be 'ce' (k-FPF-CE) or 'kd' (k-FPF-KD), got {variant!r}")
         if buffer_from not in get_args(BufferSource):
             raise ValueError(f"buffer_from must be one of {get_args(BufferSource)}, got {buffer_from!r}")
-        if buffer_from == "replay" and variant == "kd":
-            raise ValueError(
-                "buffer_from='replay' cannot be used with variant='kd': k-FPF-KD matches the logits stored "
-                "with each buffer sample, and ExperienceReplay's buffer stores none. Use variant='ce' to "
-                "fine-tune on the replay buffer, or buffer_from='own' for a buffer of k-FPF's own with logits"
-            )
         if buffer_size is not None and buffer_size < 1:
             raise ValueError(f"buffer_size must be >= 1, got {buffer_size}")
         if sensitivity not in ("all", "selected", "off"):
@@ -203,8 +206,8 @@ class KFPF(ContinualCallback):
 
         #: k-FPF's own buffer (``None`` while the buffer is shared or not chosen yet, see :attr:`buffer`)
         self.own_buffer: ReservoirBuffer | None = None
-        #: the ExperienceReplay callback whose buffer is shared, when sharing
-        self.replay: ExperienceReplay | None = None
+        #: the buffer provider (ExperienceReplay, DER, ...) whose buffer is shared, when sharing
+        self.replay: BufferProvider | None = None
         #: the resolved source, ``"own"`` or ``"replay"`` (``None`` until ``setup`` for ``"auto"``)
         self.buffer_source: Literal["own", "replay"] | None = None
         #: draws phase batches from a shared buffer (the owner's generator stays untouched)
@@ -238,80 +241,91 @@ class KFPF(ContinualCallback):
 
     @property
     def buffer(self) -> ReservoirBuffer:
-        """The buffer the phases draw from: k-FPF's own, or the shared ``ExperienceReplay`` one."""
+        """The buffer the phases draw from: k-FPF's own, or the shared provider's."""
         if self.buffer_source == "replay":
-            if self.replay is None:
-                raise RuntimeError(f"{type(self).__name__} shares ExperienceReplay's buffer, which it finds when the "
+            shared = self.replay.replay_buffer if self.replay is not None else None
+            if shared is None:
+                raise RuntimeError(f"{type(self).__name__} shares a buffer provider's buffer, which it finds when the "
                                    "Trainer sets it up: read .buffer after trainer.fit has started")
-            return self.replay.buffer
+            return shared
         if self.own_buffer is None:
             raise RuntimeError(
                 f"{type(self).__name__}(buffer_from={self.buffer_from!r}) chooses its buffer when the Trainer sets "
-                "it up (own, or the ExperienceReplay callback's): read .buffer after trainer.fit has started"
+                "it up (own, or a buffer provider's): read .buffer after trainer.fit has started"
             )
         return self.own_buffer
 
     @property
     def shares_buffer(self) -> bool:
-        """Whether the phases read the ``ExperienceReplay`` callback's buffer (and k-FPF holds none)."""
+        """Whether the phases read a buffer provider's buffer (and k-FPF holds none)."""
         return self.buffer_source == "replay"
+
+    @property
+    def replay_buffer(self) -> ReservoirBuffer | None:
+        """k-FPF's own buffer as a :class:`BufferProvider` (``None`` while it reads another's)."""
+        return self.own_buffer
+
+    @contextmanager
+    def replay_forward_context(self, samples: dict[str, Tensor]) -> Iterator[None]:
+        """A forward on buffer samples (DER's replay) is not the training forward whose logits k-FPF-KD keeps."""
+        capturing, self._capturing = self._capturing, False
+        try:
+            yield
+        finally:
+            self._capturing = capturing
 
     def _new_own_buffer(self, seed: int) -> ReservoirBuffer:
         return ReservoirBuffer(self.buffer_size, seed=seed, store_logits=self.variant == "kd")
 
     # ------------------------------------------------------------------ setup
     def _check_callback_order(self, trainer: pl.Trainer) -> None:
-        for cb in trainer.callbacks:
-            if cb is self:
-                return
-            if isinstance(cb, ExperienceReplay) or getattr(cb, "extends_batch", False):
-                raise ValueError(
-                    f"{type(self).__name__} must come before {type(cb).__name__} in Trainer(callbacks=[...]): "
-                    f"{type(cb).__name__} appends buffer samples to the batch in on_train_batch_start, and "
-                    f"{type(self).__name__} must see the original batch there to insert (own buffer) and count "
-                    f"(compute ledger) only current samples. "
-                    f"Use callbacks=[{type(self).__name__}(...), {type(cb).__name__}(...), ...]"
-                )
+        check_before_batch_extenders(trainer, self, "insert (own buffer) and count (compute ledger) only current "
+                                                    "samples")
 
     def _resolve_buffer(self, trainer: pl.Trainer) -> None:
         """Chooses the phases' buffer (``buffer_from``) and builds what it needs, seeded per rank."""
-        replays = [cb for cb in trainer.callbacks if isinstance(cb, ExperienceReplay)]
-        source = self.buffer_from
         name = type(self).__name__
+        kd = self.variant == "kd"
+        providers = buffer_providers(trainer, exclude=self)
+        source = self.buffer_from
         if source == "auto":
-            if replays and self.variant == "kd":
+            if len(providers) == 1 and kd and not providers[0].stores_logits:
                 rank_zero_warn(
-                    f"{name}(variant='kd') cannot fine-tune on ExperienceReplay's buffer (it stores no logits), so "
-                    f"it keeps a buffer of its own ({self.buffer_size} samples) next to ER's: twice the memory. "
-                    "Use variant='ce' to share ER's buffer, or buffer_from='own' to silence this warning",
+                    f"{name}(variant='kd') cannot fine-tune on {type(providers[0]).__name__}'s buffer (it stores no "
+                    f"logits), so it keeps a buffer of its own ({self.buffer_size} samples) next to it: twice the "
+                    "memory. Use variant='ce' to share that buffer, or buffer_from='own' to silence this warning",
                     category=UserWarning,
                 )
                 source = "own"
             else:
-                source = "replay" if replays else "own"
+                source = "replay" if providers else "own"
         if source == "replay":
-            if not replays:
+            if not providers:
                 raise ValueError(
-                    f"{name}(buffer_from='replay') needs an ExperienceReplay callback in Trainer(callbacks=[...]) to "
-                    "read its buffer, and there is none: add ExperienceReplay(...), or use buffer_from='own' "
-                    "(a buffer of its own)"
+                    f"{name}(buffer_from='replay') needs an ExperienceReplay callback (or another buffer provider: "
+                    "DER, DERPP) in Trainer(callbacks=[...]) to read its buffer, and there is none: add one, or use "
+                    "buffer_from='own' (a buffer of its own)"
                 )
-            if len(replays) > 1:
+            replay = find_buffer_provider(trainer, self)
+            assert replay is not None and replay.replay_buffer is not None
+            owner = type(replay).__name__
+            if kd and not replay.stores_logits:
                 raise ValueError(
-                    f"{name}(buffer_from={self.buffer_from!r}) found {len(replays)} ExperienceReplay callbacks and "
-                    "cannot tell whose buffer to read: keep one, or use buffer_from='own'"
+                    f"buffer_from='replay' cannot be used with variant='kd' here: k-FPF-KD matches the logits stored "
+                    f"with each buffer sample, and {owner}'s buffer stores none. Use variant='ce' to fine-tune on it, "
+                    "read a DER/DERPP buffer (it stores logits), or buffer_from='own' for a buffer of k-FPF's own"
                 )
-            replay = replays[0]
-            if self._buffer_size_given and self.buffer_size != replay.buffer_size:
+            capacity = replay.replay_buffer.capacity
+            if self._buffer_size_given and self.buffer_size != capacity:
                 raise ValueError(
-                    f"{name} shares ExperienceReplay's buffer ({replay.buffer_size} samples), but buffer_size="
+                    f"{name} shares {owner}'s buffer ({capacity} samples), but buffer_size="
                     f"{self.buffer_size} was given: drop buffer_size (a shared buffer has its owner's size), or "
                     "pass buffer_from='own' for a separate buffer of that size"
                 )
             if self.own_buffer is not None and self.own_buffer.num_seen > 0:
                 raise ValueError(
                     f"{name} already filled a buffer of its own ({self.own_buffer.num_seen} samples seen) and would "
-                    "now read ExperienceReplay's: pass buffer_from='own' to keep its buffer across fits"
+                    f"now read {owner}'s: pass buffer_from='own' to keep its buffer across fits"
                 )
             self.replay, self.own_buffer = replay, None
             if not self._rank_seeded or self._sample_generator is None:
@@ -319,8 +333,8 @@ class KFPF(ContinualCallback):
         else:
             if self.buffer_source == "replay":
                 raise ValueError(
-                    f"{name} used ExperienceReplay's buffer before (an earlier fit, or the loaded state), and this "
-                    "trainer has none to share: keep the ExperienceReplay callback in every fit, or use "
+                    f"{name} used another callback's buffer before (an earlier fit, or the loaded state), and this "
+                    "trainer has none to share: keep that callback (e.g. ExperienceReplay) in every fit, or use "
                     "buffer_from='own' from the start"
                 )
             self.replay = None
@@ -357,7 +371,8 @@ class KFPF(ContinualCallback):
             self.sensitivity.groups = parameter_groups(pl_module, self.selection.params.values())
         if self.variant == "kd":
             self._register_logits_hook(pl_module)
-        where = "ExperienceReplay's buffer (shared)" if self.shares_buffer else f"its own buffer of {self.buffer_size}"
+        where = (f"{type(self.replay).__name__}'s buffer (shared)" if self.shares_buffer
+                 else f"its own buffer of {self.buffer_size}")
         rank_zero_info(f"k-FPF fine-tunes {self.selection.describe()} on {where}")
 
     def _register_logits_hook(self, pl_module: pl.LightningModule) -> None:
@@ -555,7 +570,7 @@ class KFPF(ContinualCallback):
             raise RuntimeError(f"{type(self).__name__} has no module selection: it was not set up by a Trainer")
         buffer = self.buffer
         if len(buffer) == 0:
-            whose = "ExperienceReplay's shared buffer is" if self.shares_buffer else "its buffer is"
+            whose = f"{type(self.replay).__name__}'s shared buffer is" if self.shares_buffer else "its buffer is"
             raise RuntimeError(
                 f"{type(self).__name__} cannot run a phase: {whose} empty (no training batch was inserted before "
                 "the phase). Phases run after training steps; call run_phase only once training has started"
@@ -616,6 +631,7 @@ class KFPF(ContinualCallback):
         batches from it is saved here."""
         return with_rank_states({
             "buffer_source": self.buffer_source,
+            "buffer_owner": type(self.replay).__name__ if self.replay is not None else None,
             "buffer": self.own_buffer.state_dict() if self.own_buffer is not None else None,
             "sample_rng": self._sample_generator.get_state() if self._sample_generator is not None else None,
             "rank_seeded": self._rank_seeded,
@@ -634,10 +650,13 @@ class KFPF(ContinualCallback):
         if source is None:
             raise ValueError(f"the checkpoint's {type(self).__name__} state was saved before its buffer was chosen")
         if self.buffer_source is not None and source != self.buffer_source:
-            described = {"own": "a buffer of its own", "replay": "ExperienceReplay's buffer"}
+            saved_owner = state_dict.get("buffer_owner") or "ExperienceReplay"  # the only provider before
+            owner = type(self.replay).__name__ if self.replay is not None else "another callback"
+            was = "a buffer of its own" if source == "own" else f"{saved_owner}'s buffer"
+            now = "a buffer of its own" if self.buffer_source == "own" else f"{owner}'s buffer"
             raise ValueError(
-                f"the checkpoint's {type(self).__name__} phases used {described[source]}, but this run uses "
-                f"{described[self.buffer_source]}: resume with buffer_from={source!r} and the same callbacks "
+                f"the checkpoint's {type(self).__name__} phases used {was}, but this run uses "
+                f"{now}: resume with buffer_from={source!r} and the same callbacks "
                 "(an ExperienceReplay callback exactly when the checkpoint had one to share)"
             )
         if source == "own":

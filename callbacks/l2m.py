@@ -1,6 +1,6 @@
 """L2M as a Lightning callback: a key-selected modulation pool on a frozen transformer.
 
-See :mod:`cl_plugins.peft.l2m` for the method, its defaults and how they follow the official code.
+The method, its defaults and how they follow the official code: ``docs/methods/l2m.md``.
 The callback injects the pool in ``setup()`` (before the optimizer is built), computes the query in
 forward hooks (no change to the user's ``training_step``), attaches the key-matching loss with
 :meth:`ContinualCallback.attach_loss` (logged as ``l2m/key_loss``), counts which keys each

@@ -1,40 +1,26 @@
 """LoRA injection callbacks: the plain LoRA baseline, and the base that PEGO builds on.
 
-``LoRA`` wraps every targeted linear layer in a :class:`~cl_plugins.peft.lora.LoRAGroupLinear` (one
-LoRA module per layer) in ``setup()``, before Lightning builds the optimizer; the backbone is frozen,
-the head stays trainable (``train_head``). Default targets are the attention projections of the
-detected family: timm ViT ``attn.qkv`` / ``attn.proj``, BERT ``attention.self.{query,key,value}`` /
-``attention.output.dense``; other models need ``targets=[...]`` (regular expressions).
-
-Merging (``merge_on_end``). When the fit that trains the *last experience of the stream* ends, the
-groups are folded into the base weights (no inference cost). With one ``fit`` over the whole stream
-that is the end of that fit; with one ``fit`` per experience (``ContinualDataModule(experience=i)``
-or ``set_experience(i)``) the groups stay unmerged after every earlier experience and are merged
-after the last one; a fit stopped before the last experience (a crash, ``should_stop``) leaves them
-unmerged. A later ``fit`` on a merged model unmerges first (``on_fit_start``), so training goes on.
-``merge(pl_module)`` / ``unmerge(pl_module)`` do it on request. Checkpoints: the merged flag is a
-buffer saved with the weights, so a checkpoint saved before or after merging resumes correctly into
-a fresh, injected model (let the callback inject, i.e. resume with ``trainer.fit(..., ckpt_path=...)``,
-or call :meth:`LoRAGroupCallback.apply_to` before ``load_state_dict``).
+``LoRA`` wraps every targeted linear layer in a :class:`~cl_plugins.peft.lora.LoRAGroupLinear` in
+``setup()``, before Lightning builds the optimizer; the backbone is frozen, the head stays trainable.
+Default targets are the attention projections of the detected family
+(:mod:`cl_plugins.peft.presets`). With ``merge_on_end`` the groups are merged into the base weights
+when the fit that trains the last experience of the stream ends; a later ``fit`` unmerges them
+first. When merging happens with one ``fit`` per experience, and how checkpoints resume:
+``docs/methods/lora.md``. To take the trained model away: :mod:`cl_plugins.export`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info
 
 from callbacks.base import get_stream
 from callbacks.injection import InjectionCallback
-from cl_plugins.peft.lora import (
-    LORA_DEFAULT_TARGETS,
-    LoRAGroupLinear,
-    inject_lora_groups,
-    lora_layers,
-    qkv_parts_rows,
-    resolve_targets,
-)
+from cl_plugins.peft.adapters import fused_qkv_rows
+from cl_plugins.peft.lora import LoRAGroupLinear, inject_lora_groups, lora_layers
+from cl_plugins.peft.presets import FamilyPreset
 from cl_plugins.protocols import find_head
 
 
@@ -53,9 +39,6 @@ class LoRAGroupCallback(InjectionCallback):
         head_name: qualified name of the head when ``find_head`` does not find it.
         merge_on_end: merge into the base weights when the last experience has been trained.
     """
-
-    #: family -> target patterns used when ``targets`` is None
-    default_targets: Mapping[str, Sequence[str]] = LORA_DEFAULT_TARGETS
 
     def __init__(
         self,
@@ -77,7 +60,7 @@ class LoRAGroupCallback(InjectionCallback):
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         if qkv_parts is not None:
-            qkv_parts_rows(3, qkv_parts)
+            fused_qkv_rows(3, qkv_parts)
         if isinstance(targets, str):
             targets = [targets]
         if targets is not None and not targets:
@@ -94,14 +77,18 @@ class LoRAGroupCallback(InjectionCallback):
         """Name used in error messages."""
         return type(self).__name__
 
+    def default_targets(self, family: FamilyPreset) -> Sequence[str]:
+        """Target patterns when ``targets`` is None: every attention projection of the family."""
+        return family.attention
+
     # ------------------------------------------------------------------ injection
     def inject(self, pl_module: pl.LightningModule) -> list[str]:
-        patterns = resolve_targets(pl_module, self.targets, self.default_targets, self.method_name)
         exclude = [find_head(pl_module, self.head_name)[0]] if (self.train_head or self.head_name) else []
         occupied = self.other_injections(pl_module)
         new = inject_lora_groups(
-            pl_module, patterns, num_loras=self.num_loras, rank=self.rank, alpha=self.alpha, dropout=self.dropout,
+            pl_module, self.targets, num_loras=self.num_loras, rank=self.rank, alpha=self.alpha, dropout=self.dropout,
             qkv_parts=self.qkv_parts, exclude=exclude, method=self.method_name, occupied=occupied,
+            defaults=self.default_targets,
         )
         # register the LoRA factors, not the wrappers: the wrapped base weights stay frozen when a
         # later injection callback re-freezes the model around the modules registered here

@@ -1,8 +1,8 @@
 """LoRAMoE as a Lightning callback: routed LoRA experts on the FFN layers of a frozen backbone, with
 the localized balancing constraint as an extra loss term.
 
-See :mod:`cl_plugins.peft.loramoe` for the method and how its defaults follow the paper and the
-official code. The callback
+The method and how its defaults follow the paper and the official code: ``docs/methods/loramoe.md``.
+The callback
 
 - injects the experts in ``setup()`` (before the optimizer is built) and freezes everything else
   except the classification head (:class:`~callbacks.injection.InjectionCallback`);
@@ -24,6 +24,10 @@ Sample types in a stream (``sample_type``):
 - a ``dict`` ``{task_label: type}``: by task label.
 - a callable ``fn(batch) -> LongTensor`` of shape ``(batch,)`` with values in ``{0, 1}``.
 
+Forwards on buffer samples inside a step (DER/DER++'s replay forwards, announced through
+:func:`cl_plugins.buffer_contract.replay_forward`) are typed the same way, from the buffer samples'
+own labels.
+
 With k-FPF (:class:`callbacks.kfpf.KFPF`): k-FPF's buffer phases fine-tune the modules it selects
 with their own optimizer. Its defaults select the normalization layers and the first convolution /
 patch embedding, which LoRAMoE freezes to keep the pretrained (world) knowledge intact, so the pair
@@ -36,7 +40,8 @@ not applied during the phases (they are not training steps of the stream).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import lightning.pytorch as pl
@@ -44,6 +49,7 @@ import torch
 from torch import Tensor
 
 from callbacks.injection import InjectionCallback
+from cl_plugins.buffer_contract import ReplayForwardListener
 from cl_plugins.peft.loramoe import (
     DEFAULT_ALPHA,
     DEFAULT_BALANCE_WEIGHT,
@@ -64,7 +70,7 @@ from datamodules.stream import ContinualDataModule
 SampleType = str | Mapping[int, int] | Callable[[Any], Tensor]
 
 
-class LoRAMoE(InjectionCallback):
+class LoRAMoE(InjectionCallback, ReplayForwardListener):
     """LoRAMoE (Dou et al., ACL 2024) for timm ViTs, BERT-style encoders or any model with FFN layers.
 
     Args:
@@ -153,6 +159,7 @@ class LoRAMoE(InjectionCallback):
         self._lookup: tuple[str, Tensor | None] = ("current", None)
         self._task_lookup: Tensor | None = None
         self._trainer: pl.Trainer | None = None
+        self._step_batch: Any = None
 
     @property
     def state_key(self) -> str:
@@ -259,7 +266,22 @@ class LoRAMoE(InjectionCallback):
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
         self._trainer = trainer
+        self._step_batch = batch
         self.context.begin_step(batch, self.resolve_types)
+
+    @contextmanager
+    def replay_forward_context(self, samples: dict[str, Tensor]) -> Iterator[None]:
+        """A forward on buffer samples in the step (DER's replay): its samples are typed like a batch's
+        (from their own labels), then the step's batch is handed back to the layers."""
+        step = self._step_batch
+        self.context.begin_step([samples["x"], samples["y"], samples["t"]], self.resolve_types)
+        try:
+            yield
+        finally:
+            if step is None:
+                self.context.end_forward()
+            else:
+                self.context.begin_step(step, self.resolve_types)
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
         super().on_before_backward(trainer, pl_module, loss)
@@ -267,6 +289,7 @@ class LoRAMoE(InjectionCallback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
+        self._step_batch = None
         self.context.end_forward()
         stats = self.context.pop_stats()
         if "balance_loss" in stats:

@@ -1,16 +1,11 @@
 """PEGO callback: a group of LoRA modules per adapted layer with orthogonal regularization.
 
-Hu et al., "Learn to Preserve and Diversify: Parameter-Efficient Group with Orthogonal Regularization
-for Domain Generalization", ECCV 2024 (arXiv 2407.15085); official code github.com/JudgingH/PEGO.
-The math and the defaults, with their sources, are in :mod:`cl_plugins.peft.pego`.
-
-How it plugs into Lightning: the groups are injected in ``setup()`` (see :mod:`callbacks.lora`). The
-regularizer depends on parameters only, so once per training step (per micro-batch under gradient
-accumulation) it is computed in float32 over every adapted layer and attached, with
-``attach_loss``, to the output of the first adapted layer: the gradient is exactly that of
-``loss + ortho_weight * L_d + preserve_weight * L_p`` under accumulation, AMP and DDP, without
-touching the module's ``training_step``. The weighted terms are logged as ``pego/diversify_loss``
-and ``pego/preserve_loss``. Merging after the last experience follows :mod:`callbacks.lora`.
+The groups are injected in ``setup()`` (see :mod:`callbacks.lora`, which also merges them after the
+last experience). Once per training step the regularizer (:mod:`cl_plugins.peft.pego`) is attached
+with ``attach_loss`` to the output of the first adapted layer, so the gradient is that of
+``loss + ortho_weight * L_d + preserve_weight * L_p`` without touching the module's
+``training_step``; the terms are logged as ``pego/diversify_loss`` and ``pego/preserve_loss``.
+Paper, official code and what follows them: ``docs/methods/pego.md``.
 """
 
 from __future__ import annotations
@@ -25,15 +20,9 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from callbacks.lora import LoRAGroupCallback
-from cl_plugins.peft.lora import TIMM_QKV, LoRAGroupLinear
+from cl_plugins.peft.lora import LoRAGroupLinear
 from cl_plugins.peft.pego import DEFAULT_NUM_LORAS, DEFAULT_RANK, DEFAULT_WEIGHT, pego_losses
-
-#: PEGO's placement, from the official code: the query and value projections of every block
-#: (timm's fused qkv is adapted on its q and v slices through ``qkv_parts="qv"``)
-PEGO_DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
-    "timm_vit": (TIMM_QKV,),
-    "bert": (r"attention\.self\.query$", r"attention\.self\.value$"),
-}
+from cl_plugins.peft.presets import FamilyPreset
 
 
 class PEGO(LoRAGroupCallback):
@@ -58,7 +47,10 @@ class PEGO(LoRAGroupCallback):
     The paper trains with lr 5e-4 (Adam, DomainBed); set the module's optimizer accordingly.
     """
 
-    default_targets = PEGO_DEFAULT_TARGETS
+    def default_targets(self, family: FamilyPreset) -> Sequence[str]:
+        """PEGO's placement (official code): the query and value projections of every block (a fused
+        qkv layer is adapted on its q and v slices through ``qkv_parts="qv"``)."""
+        return family.projections("qv")
 
     def __init__(
         self,

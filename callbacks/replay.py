@@ -14,42 +14,63 @@ import lightning.pytorch as pl
 import torch
 
 from callbacks.base import ContinualCallback
-from cl_plugins.buffers import ReservoirBuffer
+from cl_plugins.buffer_contract import BufferProvider, check_batch_extenders
+from cl_plugins.buffers import BufferKind, ReservoirBuffer, make_buffer
 from cl_plugins.rank_state import own_rank_state, with_rank_states
 
 
-class ExperienceReplay(ContinualCallback):
+class ExperienceReplay(ContinualCallback, BufferProvider):
     """Concatenates ``replay_batch_size`` buffer samples to each training batch, in place.
 
     Args:
         buffer_size: samples kept in the reservoir (per rank under DDP).
-        replay_batch_size: buffer samples added to each batch (default: the batch's own size).
+        replay_batch_size: buffer samples added to each batch (default: the batch's own size; at most
+            ``buffer_size``).
         seed: seeds the buffer's generator (plus the global rank).
         past_only: replay only samples stored during earlier experiences (no replay during the first
             one). The reservoir still takes every sample; by default (``False``, classic ER) a
             replayed batch may hold samples of the current experience too. Avalanche's ``Replay``
             updates its buffer at experience ends, so it replays past experiences only.
+        buffer: ``"reservoir"`` (default) or ``"class_balanced"``, the class-balancing reservoir of
+            :class:`cl_plugins.buffers.ClassBalancedBuffer` (equal shares for the classes seen).
 
     The batch must be a mutable list ``[x, y, task_label]`` (what the default collate gives for
     stream datasets). Buffer samples are drawn before the current batch is inserted, so a batch is
-    never replayed against itself.
+    never replayed against itself. It is a :class:`~cl_plugins.buffer_contract.BufferProvider` that
+    extends the batch: readers (FPF) find its buffer through the contract, and callbacks that must see
+    the original batch (k-FPF, DER) come before it.
     """
 
+    extends_batch = True
+
     def __init__(self, buffer_size: int = 500, replay_batch_size: int | None = None, seed: int = 0,
-                 past_only: bool = False) -> None:
+                 past_only: bool = False, buffer: BufferKind = "reservoir") -> None:
         super().__init__()
         self.past_only = past_only
+        if buffer_size < 1:
+            raise ValueError(f"buffer_size must be >= 1, got {buffer_size}")
         if replay_batch_size is not None and replay_batch_size < 1:
             raise ValueError(f"replay_batch_size must be >= 1, got {replay_batch_size}")
+        if replay_batch_size is not None and replay_batch_size > buffer_size:
+            raise ValueError(
+                f"replay_batch_size={replay_batch_size} exceeds buffer_size={buffer_size}: a replay batch holds "
+                "at most the whole buffer. Lower replay_batch_size or raise buffer_size"
+            )
         self.buffer_size = buffer_size
         self.replay_batch_size = replay_batch_size
         self.seed = seed
-        self.buffer = ReservoirBuffer(buffer_size, seed=seed)
+        self.buffer_kind = buffer
+        self.buffer = make_buffer(buffer, buffer_size, seed=seed)
         self._rank_seeded = False
 
+    @property
+    def replay_buffer(self) -> ReservoirBuffer:
+        return self.buffer
+
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        check_batch_extenders(trainer)
         if not self._rank_seeded and self.buffer.num_seen == 0:
-            self.buffer = ReservoirBuffer(self.buffer_size, seed=self.seed + trainer.global_rank)
+            self.buffer = make_buffer(self.buffer_kind, self.buffer_size, seed=self.seed + trainer.global_rank)
             self._rank_seeded = True
 
     def on_train_batch_start(

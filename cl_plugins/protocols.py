@@ -4,14 +4,18 @@ Methods such as DR-Tune (the head also classifies pretrained features) and k-FPF
 forgetting-prone module) need the head module and the features that enter it. Defaults recognise
 timm models (``get_classifier()``), Hugging Face sequence classifiers (``classifier`` /
 ``score``), this library's ``SmallCNN`` / ``MLP`` (``head``) and any module exposing ``head`` or
-``fc``; a user can name the head explicitly.
+``fc``; a user can name the head explicitly. The heads of the families in
+:mod:`cl_plugins.peft.presets` come first.
 """
 
 from __future__ import annotations
 
 from torch import nn
 
-_HEAD_ATTRS = ("head", "classifier", "fc", "score", "linear")
+from cl_plugins.peft.presets import PRESETS
+from cl_plugins.peft.targets import linear_layer_names
+
+_HEAD_ATTRS = tuple(dict.fromkeys([*(p.head for p in PRESETS.values()), "head", "fc", "score", "linear"]))
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -56,7 +60,3 @@ def find_head(model: nn.Module, name: str | None = None) -> tuple[str, nn.Module
     qualified = next(n for n, m in model.named_modules() if m is head)
     return qualified, head
 
-
-def linear_layer_names(model: nn.Module) -> list[str]:
-    """Qualified names of every ``nn.Linear`` in ``model`` (for error messages)."""
-    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]

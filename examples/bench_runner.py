@@ -36,6 +36,7 @@ and ``<!-- bench_runner:<config>:end -->`` in FILE (appended when absent).
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import importlib
 import json
@@ -64,7 +65,7 @@ from cl_plugins import ContinualClassifier  # noqa: E402
 from examples.benchutils import markdown_table, mean_std, run_stream  # noqa: E402
 from examples.peers import STRATEGIES, check_peer, run_peer  # noqa: E402
 
-TOP_KEYS = {"seeds", "threads", "output_dir", "streams", "methods"}
+TOP_KEYS = {"seeds", "threads", "output_dir", "streams", "methods", "published"}
 STREAM_KEYS = {"datamodule", "model", "params", "trainer", "methods", "device"}
 METHOD_KEYS = {"callbacks", "avalanche", "args", "model"}
 REFERENCE = "naive"
@@ -134,6 +135,7 @@ def check_config(cfg: dict[str, Any], where: str = "config") -> None:
             if not isinstance(cb, dict) or "class_path" not in cb:
                 raise BenchConfigError(f"{where}: method {name!r}: each callback needs a class_path "
                                        f"(and optional init_args), got {cb!r}")
+    check_published(cfg.get("published"), streams, methods, where)
     for sname, s in streams.items():
         _unknown(s, STREAM_KEYS, f"{where}: stream {sname!r}")
         if "datamodule" not in s or "class_path" not in (s["datamodule"] or {}):
@@ -144,6 +146,28 @@ def check_config(cfg: dict[str, Any], where: str = "config") -> None:
                                    f"the config defines {list(methods)}")
         for m in stream_methods(cfg, sname):
             substitute(methods[m] or {}, s.get("params", {}) or {}, f"{where}: stream {sname!r}, method {m!r}")
+
+
+def check_published(published: Any, streams: dict[str, Any], methods: dict[str, Any], where: str) -> None:
+    """``published: {source: <citation>, results: {<stream>: {<method>: {avg_acc: [mean, std], ...}}}}``, in %."""
+    if published is None:
+        return
+    if not isinstance(published, dict):
+        raise BenchConfigError(f"{where}: 'published' must be a mapping with 'source' and 'results'")
+    _unknown(published, {"source", "results"}, f"{where}: published")
+    for sname, per_method in (published.get("results") or {}).items():
+        if sname not in streams:
+            raise BenchConfigError(f"{where}: published results for unknown stream {sname!r}")
+        for mname, values in (per_method or {}).items():
+            if mname not in methods:
+                raise BenchConfigError(f"{where}: published results for unknown method {mname!r} of {sname!r}")
+            _unknown(values or {}, set(PUBLISHED_METRICS), f"{where}: published {sname!r} / {mname!r}")
+            for metric, v in (values or {}).items():
+                ok = isinstance(v, (int, float)) or (isinstance(v, list) and 1 <= len(v) <= 2 and
+                                                     all(isinstance(x, (int, float)) for x in v))
+                if not ok:
+                    raise BenchConfigError(f"{where}: published {sname!r} / {mname!r} / {metric}: give a number or "
+                                           f"[mean, std] in %, got {v!r}")
 
 
 def stream_methods(cfg: dict[str, Any], stream: str) -> list[str]:
@@ -244,14 +268,54 @@ def run_one(cfg: dict[str, Any], stream: str, method: str, seed: int, out_dir: P
             "stream": stream, "method": method, "seed": seed, "fingerprint": fingerprint(cfg, stream, method, seed)}
 
 
+#: the code a run executes: every file of these packages and these benchmark modules
+CODE_PACKAGES = ("cl_plugins", "callbacks", "datamodules")
+CODE_FILES = ("examples/bench_runner.py", "examples/benchutils.py", "examples/peers.py")
+_ROOT = Path(__file__).resolve().parents[1]
+
+
+@functools.lru_cache(maxsize=1)
+def code_fingerprint() -> str:
+    """A hash of the library's code (every ``.py`` file of :data:`CODE_PACKAGES` and :data:`CODE_FILES`) and of
+    the versions of torch, lightning and avalanche: a result measured with other code is not reused."""
+    h = hashlib.sha256()
+    files = sorted(p for pkg in CODE_PACKAGES for p in (_ROOT / pkg).rglob("*.py")) + [_ROOT / f for f in CODE_FILES]
+    for path in files:
+        h.update(str(path.relative_to(_ROOT)).encode())
+        h.update(path.read_bytes())
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        avalanche = version("avalanche-lib")
+    except PackageNotFoundError:  # not installed: part of what the fingerprint records
+        avalanche = "none"
+    h.update(f"torch {torch.__version__} lightning {pl.__version__} avalanche {avalanche}".encode())
+    return h.hexdigest()[:16]
+
+
+def code_revision() -> str:
+    """``git describe``-style revision of the working tree (``<commit>`` or ``<commit>+changes``), for the
+    table's header; ``unknown`` outside a git checkout."""
+    import subprocess
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=_ROOT, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", *CODE_PACKAGES, *CODE_FILES], cwd=_ROOT,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return commit + ("+changes" if dirty else "")
+
+
 def fingerprint(cfg: dict[str, Any], stream: str, method: str, seed: int) -> str:
     """A hash of everything that defines one run (the stream's data, model and trainer settings, the method's
-    spec with the stream's parameters filled in, the seed, the threads): ``--reuse`` takes an earlier result
-    only when it is unchanged."""
+    spec with the stream's parameters filled in, the seed, the threads, and the code: :func:`code_fingerprint`):
+    ``--reuse`` takes an earlier result only when all of it is unchanged."""
     s = cfg["streams"][stream]
     spec = substitute(cfg["methods"][method] or {}, s.get("params", {}) or {}, f"stream {stream!r}, method {method!r}")
     what = {"stream": {k: v for k, v in s.items() if k not in ("params", "methods")}, "method": spec, "seed": seed,
-            "threads": cfg.get("threads")}
+            "threads": cfg.get("threads"), "code": code_fingerprint()}
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -307,10 +371,40 @@ def run_forked(*args: Any) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------- the table
+#: metrics a config's ``published`` entries may give, with their column titles
+PUBLISHED_METRICS = {"avg_acc": "avg acc", "task_il_avg_acc": "task-IL acc"}
+
+
+def published_value(cfg: dict[str, Any], stream: str, method: str, metric: str) -> tuple[float, float] | None:
+    """The published ``(mean, std)`` (in %) of ``metric`` for ``method`` on ``stream``, if the config gives one."""
+    entry = ((cfg.get("published") or {}).get("results") or {}).get(stream, {}).get(method, {})
+    value = entry.get(metric) if isinstance(entry, dict) else None
+    if value is None:
+        return None
+    mean, std = (value, 0.0) if isinstance(value, (int, float)) else (value[0], value[1] if len(value) > 1 else 0.0)
+    return float(mean), float(std)
+
+
+def agreement(ours: list[float], published: tuple[float, float], k: float = 2.0) -> str:
+    """Whether our mean lies within the published mean ± ``k`` published std (the rule stated under the table)."""
+    mean = statistics.mean(ours)
+    diff = mean - published[0]
+    ok = abs(diff) <= k * published[1]
+    return f"{'yes' if ok else 'no'} ({diff:+.1f})"
+
+
 def table(results: list[dict[str, Any]], cfg: dict[str, Any]) -> str:
-    """One markdown table: per stream and method, mean ± std over seeds."""
-    header = ["stream", "method", "avg acc (%)", "forgetting (%)", "BWT (%)", "wall (s)",
-              f"time vs {REFERENCE}", "peak mem (MiB)", "trainable params"]
+    """One markdown table: per stream and method, mean ± std over seeds, with the published figures beside ours
+    where the config gives them (``published``)."""
+    metrics = [m for m in PUBLISHED_METRICS if m == "avg_acc" or any(r.get(m) is not None for r in results)]
+    with_published = {m for m in metrics for st in cfg["streams"] for me in cfg["methods"]
+                      if published_value(cfg, st, me, m) is not None}
+    header = ["stream", "method"]
+    for m in metrics:
+        header.append(f"{PUBLISHED_METRICS[m]} (%)")
+        if m in with_published:
+            header += [f"published {PUBLISHED_METRICS[m]} (%)", "within 2 std (diff)"]
+    header += ["forgetting (%)", "BWT (%)", "wall (s)", f"time vs {REFERENCE}", "peak mem (MiB)", "trainable params"]
     rows = []
     for stream in cfg["streams"]:
         runs = [r for r in results if r["stream"] == stream]
@@ -321,16 +415,24 @@ def table(results: list[dict[str, Any]], cfg: dict[str, Any]) -> str:
                 continue
             wall = statistics.mean(r["wall_s"] for r in mine)
             mem = [r["peak_mem_mib"] for r in mine]
-            rows.append([
-                stream, method,
-                mean_std([r["avg_acc"] for r in mine], 100),
+            row = [stream, method]
+            for m in metrics:
+                values = [r.get(m) for r in mine]
+                row.append(mean_std(values, 100))
+                if m in with_published:
+                    pub = published_value(cfg, stream, method, m)
+                    ours = [100 * v for v in values if v is not None]
+                    row += ["-", "-"] if pub is None or not ours else \
+                        [f"{pub[0]:.2f} ± {pub[1]:.2f}", agreement(ours, pub)]
+            row += [
                 mean_std([r["avg_forgetting"] for r in mine], 100),
                 mean_std([r["bwt"] for r in mine], 100),
                 f"{wall:.1f}",
                 f"{wall / statistics.mean(ref):.2f}x" if ref else "-",
                 "-" if None in mem else f"{statistics.mean(mem):.0f}",
                 f"{mine[0]['trainable_params']:,}",
-            ])
+            ]
+            rows.append(row)
     return markdown_table(header, rows)
 
 
@@ -426,7 +528,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         # the command that regenerates the table from scratch (``--reuse`` only skips unchanged runs)
         given = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--reuse"]
         command = "python examples/bench_runner.py " + " ".join(shlex.quote(a) for a in given)
-        body = (f"`{command}`\n\n{len(seeds)} seed(s) {seeds}, {machine_line(cfg)}; {time.strftime('%Y-%m-%d')}. "
+        source = (cfg.get("published") or {}).get("source")
+        published_note = (f" Published figures: {source}; 'within 2 std' says whether our mean lies within the "
+                          "published mean ± 2 published standard deviations." if source else "")
+        body = (f"`{command}`\n\n{len(seeds)} seed(s) {seeds}, {machine_line(cfg)}; code {code_revision()}; "
+                f"{time.strftime('%Y-%m-%d')}.{published_note} "
                 f"Mean ± std over seeds; wall time is the mean, relative to the stream's `{REFERENCE}` row; "
                 "peak memory is what the run added on top of the loaded data and model (RSS on CPU, "
                 "allocated memory on CUDA).\n\n" + text)

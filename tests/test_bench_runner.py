@@ -11,7 +11,7 @@ from torch import nn
 
 from cl_plugins import ContinualClassifier
 from datamodules import SplitDigits
-from examples.bench_runner import BenchConfigError, check_config, main, replace_block, substitute
+from examples.bench_runner import BenchConfigError, check_config, main, replace_block, substitute, table
 from examples.peers import accuracy_row, check_peer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -172,3 +172,54 @@ def test_a_method_overrides_the_streams_model_settings(tmp_path):
     cfg = _cfg(m={"model": "lr=0.1"})
     with pytest.raises(BenchConfigError, match="'model' must map"):
         check_config(cfg)
+
+
+def test_reuse_reruns_when_the_code_changed(tmp_path, monkeypatch):
+    """A result measured with other code is not reused, whatever the config says."""
+    import examples.bench_runner as runner
+
+    out = str(tmp_path / "out")
+    common = ["--output-dir", out, "--no-progress", "--in-process", "--methods", "naive"]
+    first = main([str(SMOKE), *common])
+    again = main([str(SMOKE), "--reuse", *common])
+    assert again[0] == first[0]  # same code: reused, wall time to the last digit
+    monkeypatch.setattr(runner, "code_fingerprint", lambda: "edited-code")
+    third = main([str(SMOKE), "--reuse", *common])
+    assert third[0]["fingerprint"] != first[0]["fingerprint"] and third[0]["wall_s"] != first[0]["wall_s"]
+
+
+def test_code_fingerprint_follows_the_library_files(tmp_path, monkeypatch):
+    import examples.bench_runner as runner
+
+    for pkg in runner.CODE_PACKAGES:
+        (tmp_path / pkg).mkdir()
+        (tmp_path / pkg / "a.py").write_text("x = 1\n")
+    for f in runner.CODE_FILES:
+        (tmp_path / f).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / f).write_text("")
+    monkeypatch.setattr(runner, "_ROOT", tmp_path)
+    runner.code_fingerprint.cache_clear()
+    before = runner.code_fingerprint()
+    runner.code_fingerprint.cache_clear()
+    (tmp_path / "callbacks" / "a.py").write_text("x = 2\n")
+    after = runner.code_fingerprint()
+    runner.code_fingerprint.cache_clear()
+    assert before != after
+
+
+def test_published_figures_sit_beside_ours_with_the_two_std_rule():
+    cfg = _cfg(m={})
+    cfg["published"] = {"source": "a paper", "results": {"s": {"m": {"avg_acc": [50.0, 2.0]}}}}
+    check_config(cfg)
+    results = [{"stream": "s", "method": "m", "seed": i, "avg_acc": a, "avg_forgetting": 0.1, "bwt": -0.1,
+                "wall_s": 1.0, "peak_mem_mib": None, "trainable_params": 10} for i, a in enumerate((0.52, 0.54))]
+    text = table(results, cfg)
+    assert "published avg acc (%)" in text and "50.00 ± 2.00" in text and "yes (+3.0)" in text
+    results[1]["avg_acc"] = 0.60  # mean 56: 6 points above, more than 2 std
+    assert "no (+6.0)" in table(results, cfg)
+    for bad, msg in (({"results": {"x": {}}}, "unknown stream"), ({"results": {"s": {"z": {}}}}, "unknown method"),
+                     ({"results": {"s": {"m": {"acc": 1}}}}, "unknown key"),
+                     ({"results": {"s": {"m": {"avg_acc": "high"}}}}, "mean, std")):
+        cfg["published"] = bad
+        with pytest.raises(BenchConfigError, match=msg):
+            check_config(cfg)

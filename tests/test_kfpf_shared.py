@@ -103,15 +103,15 @@ class _SecondReplay(ExperienceReplay):
 
 
 def test_shared_buffer_configuration_errors_say_what_to_change():
-    with pytest.raises(ValueError, match="cannot be used with variant='kd'.*stores none"):
-        FPF(buffer_from="replay", variant="kd")
+    with pytest.raises(ValueError, match="cannot be used with variant='kd'.*ExperienceReplay's buffer stores none"):
+        _fit([FPF(buffer_from="replay", variant="kd"), ExperienceReplay(buffer_size=32)], limit_train_batches=1)
     with pytest.raises(ValueError, match="buffer_from must be one of"):
         FPF(buffer_from="replay_buffer")
     with pytest.raises(ValueError, match="needs an ExperienceReplay callback"):
         _fit([FPF(buffer_from="replay")], limit_train_batches=1)
     with pytest.raises(ValueError, match=r"ExperienceReplay's buffer \(32 samples\), but buffer_size=500"):
         _fit([FPF(buffer_size=500), ExperienceReplay(buffer_size=32)], limit_train_batches=1)
-    with pytest.raises(ValueError, match="found 2 ExperienceReplay callbacks"):
+    with pytest.raises(ValueError, match=r"found 2 callbacks that hold a replay buffer \(ExperienceReplay, _Second"):
         _fit([FPF(), ExperienceReplay(buffer_size=32), _SecondReplay(buffer_size=16, seed=1)],
              limit_train_batches=1)
     with pytest.raises(RuntimeError, match="chooses its buffer when the Trainer sets it up"):

@@ -11,13 +11,9 @@ from torch import nn
 from callbacks.lora import LoRA
 from callbacks.pego import PEGO
 from cl_plugins.models import ContinualClassifier
-from cl_plugins.peft.lora import (
-    LoRAGroupLinear,
-    detect_family,
-    inject_lora_groups,
-    peft_lora_state_dict,
-    qkv_parts_rows,
-)
+from cl_plugins.peft.adapters import fused_qkv_rows
+from cl_plugins.peft.lora import LoRAGroupLinear, inject_lora_groups, peft_lora_state_dict
+from cl_plugins.peft.presets import detect_family
 from tests.tolerances import (
     EPS_BF16,
     FLOAT64_TOL,
@@ -71,7 +67,7 @@ def test_group_forward_equals_base_plus_sum_of_scaled_low_rank_updates():
 def test_fused_qkv_parts_adapt_only_query_and_value_rows():
     torch.manual_seed(0)
     base = nn.Linear(4, 12)
-    parts = qkv_parts_rows(12, "qv")
+    parts = fused_qkv_rows(12, "qv")
     assert parts == [("q", 0, 4), ("v", 8, 12)]
     layer = LoRAGroupLinear(copy.deepcopy(base), num_loras=3, rank=2, alpha=4.0, parts=parts)
     x = torch.randn(6, 4)
@@ -88,15 +84,15 @@ def test_fused_qkv_parts_adapt_only_query_and_value_rows():
     assert_close_accumulated(out, want, abs_forward(layer, x))
     assert torch.equal(out[:, 4:8], base(x)[:, 4:8])  # the key rows are untouched
     with pytest.raises(ValueError, match="subset of 'qkv'"):
-        qkv_parts_rows(12, "qx")
+        fused_qkv_rows(12, "qx")
     with pytest.raises(ValueError, match="divisible by 3"):
-        qkv_parts_rows(10, "qv")
+        fused_qkv_rows(10, "qv")
 
 
 def test_merge_equals_unmerged_and_the_flag_travels_with_the_state_dict():
     torch.manual_seed(0)
     base = nn.Linear(8, 12)
-    layer = LoRAGroupLinear(copy.deepcopy(base), num_loras=2, rank=3, alpha=6.0, parts=qkv_parts_rows(12, "qv"))
+    layer = LoRAGroupLinear(copy.deepcopy(base), num_loras=2, rank=3, alpha=6.0, parts=fused_qkv_rows(12, "qv"))
     with torch.no_grad():
         for b in layer.lora_B:
             b.normal_()
@@ -122,7 +118,7 @@ def test_merge_equals_unmerged_and_the_flag_travels_with_the_state_dict():
     assert_close_accumulated(layer(x), unmerged, out_mag)
 
     # a merged checkpoint into an unmerged module: the flag comes with the merged weights
-    fresh = LoRAGroupLinear(copy.deepcopy(base), num_loras=2, rank=3, alpha=6.0, parts=qkv_parts_rows(12, "qv"))
+    fresh = LoRAGroupLinear(copy.deepcopy(base), num_loras=2, rank=3, alpha=6.0, parts=fused_qkv_rows(12, "qv"))
     fresh.load_state_dict(merged_sd)
     fresh.eval()
     assert fresh.merged

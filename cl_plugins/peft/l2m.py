@@ -1,88 +1,14 @@
 """L2M core (Schmied et al., "Learning to Modulate pre-trained Models in RL", NeurIPS 2023).
 
-A frozen pretrained transformer gets a *modulation pool*: ``M`` learnable keys ``k_i`` and, for
-every targeted linear layer, ``M`` modulators (LoRA matrices, or (IA)^3 scaling vectors). For each
-sample, a query ``q`` computed from the frozen model's embedding of the input selects the entry
-whose key has the highest cosine similarity; that entry's modulators are applied to the sample.
-Keys are pulled toward the queries that select them by the key-matching loss ``1 - cos(q, k)``;
-modulators learn from the task loss. No task id is used, in training or at test time.
-
-Plain torch: :func:`install_l2m` wraps the target layers and installs the query hooks on any
-``nn.Module``; ``callbacks.l2m.L2M`` does it from a Lightning callback.
-
-Defaults and details, checked against the official code (github.com/ml-jku/L2M,
-``src/algos/prompt/{l2m,l2p,base_prompt}.py``, ``configs/.../prompt_kwargs/l2m_lora.yaml``,
-``models/multiprompt_decision_transformer_model.py``):
-
-- pool size 30, rank 8, ``lora_alpha = 2 * rank`` (scaling 2), top-1 selection, keys initialised
-  uniform in [-1, 1], LoRA ``B`` zero, so the modulated model starts exactly at the pretrained one;
-  (IA)^3 vectors start at one.
-- LoRA ``A`` init (``lora_init="upstream"``, the default). Upstream ``L2MLoRA`` holds every ``A`` of
-  the pool in one tensor ``(pool_size, n_layer, length, embed_dim, rank)`` (``length`` = 1 slot for
-  q, 1 for v, 4 for the 4d-wide FF) and calls ``kaiming_uniform_(a=sqrt(5))`` on it once. PyTorch
-  takes the fan-in of a tensor of more than two dims as ``size(1) * prod(size(2:))``, so the bound
-  is ``1 / sqrt(n_layer * length * embed_dim * rank)``, not a layer's ``1 / sqrt(d_in)``: on
-  MiniLM-L6 (6 layers, d 384, rank 8, q + v + FF) it is ``1 / sqrt(110592) = 0.0030`` against
-  ``1 / sqrt(384) = 0.051``, 17x smaller. We keep upstream's scale: :func:`upstream_lora_fan_in`
-  computes the same number from the placement (``rank`` times the modulated output width summed
-  over every LoRA layer, which is ``n_layer * length * embed_dim * rank`` for the default
-  placement) and every ``A`` is drawn from ``U(-b, b)`` with that bound. ``lora_init="linear"``
-  uses the per-layer ``nn.Linear`` / PEFT bound ``1 / sqrt(d_in)`` instead (a larger ``A`` makes
-  ``B`` move faster at the start of training, as in plain LoRA).
-- Placement. LoRA: attention queries and values (``mod_q``, ``mod_v``; keys not modulated) and
-  the feed-forward block. The official FF LoRA maps the first FF layer's 4d output to itself
-  (``h + s * h A B``); here the standard LoRA of the first FF layer is used (``W1 x + s B A x``):
-  both add a rank-r update to the same pre-activation tensor, ours with fewer parameters.
-  (IA)^3: keys and values scaled, and the FF hidden activation after the nonlinearity (official
-  default ``ia3_lff_pre=False``), implemented as a scaling of the second FF layer's input.
-- Query: the official query is the masked mean over the context of the frozen *input
-  embeddings* (``embed_key=mean``, state tokens), i.e. the embedding layer, not a full forward;
-  upstream takes them before the transformer's embedding dropout, so the query of an input is the
-  same in every training forward and at test time. ``query="embedding"`` does that: mean over the
-  tokens of the output of the *query tap* (padding masked for token inputs), no extra cost. The
-  tap is the embedding module itself when it holds no dropout (timm ``patch_embed``); a Hugging
-  Face ``embeddings`` module ends in ``LayerNorm -> dropout``, so there the tap is its
-  ``LayerNorm`` (the token ids for the padding mask are read from the ``embeddings`` input). For
-  a user-given ``query_module`` containing dropout, the tap is its single ``nn.LayerNorm`` child,
-  else ``query_tap=`` must name the submodule before the dropout (see :func:`find_query_tap`;
-  functional dropout inside ``forward`` cannot be seen, so name the tap in that case).
-  ``query="pooled"`` (as L2P's ``cls`` features) uses the frozen, unmodulated model's pooled
-  features (the input of the classification head), computed in eval mode at the cost of one
-  extra no-grad forward per step.
-- Similarity, selection and the key loss are computed in float32 (autocast off), as upstream.
-- Key loss: upstream subtracts ``0.5 * sum(cos(q, k_sel)) / batch`` (``pull_constraint_coef``
-  0.5); ``0.5 * mean_b sum_k (1 - cos)`` used here has the same gradient.
-- Count penalty (``count_penalty: True`` in the L2M configs): from the second task on, training
-  selection ranks keys by ``(cos + 1) / 2 * inv_freq`` where ``inv_freq`` is the normalised
-  ``1 / (freq + 1e-6)`` of how often each key was selected in earlier tasks, so a new task takes
-  fresh keys. Test-time selection is plain cosine. Upstream tracks a running mean of per-batch
-  frequencies; here ``freq`` is the overall frequency of earlier selections (summed over ranks).
-- ``top_k > 1`` (upstream L2M supports top-1 only): the ``k`` selected modulators are averaged
-  with equal weights (LoRA: mean of the ``k`` updates; (IA)^3: mean of the ``k`` vectors, which is
-  the same as averaging the scaled outputs); the key loss sums over the ``k`` keys (as L2P).
-
-Every pool tensor is a single parameter per layer, indexed per sample, so entries that no sample
-selected in a step still take part in the graph (with a zero gradient): DDP needs no
-``find_unused_parameters``.
-
-A layer already adapted by another injection (a LoRA / PEGO / LoRAMoE wrapper, or a Hugging Face
-PEFT layer) is refused with the name of the layer and of the adapter on it
-(:func:`cl_plugins.peft.lora.check_not_adapted`): two adapters on one layer would each wrap the
-other's output and train against each other.
-
-Why not Hugging Face PEFT (peft 0.21 is installed; checked in ``peft/tuners/lora/layer.py``,
-``lora/model.py``, ``ia3/layer.py``, ``poly/``, ``xlora/``): a PEFT ``LoraLayer.forward``
-applies the same active adapter(s) to every sample of the batch (their updates summed).
-Mixed-adapter batches go through ``adapter_names`` (``_mixed_batch_forward``), which
-``LoraModel`` refuses in training mode ("Cannot pass `adapter_names` when the model is in
-training mode") and which loops over the distinct adapters, running each on its sub-batch;
-PEFT's (IA)^3 layers have no mixed batches at all; Polytropon (``poly``) routes per sample by a
-given ``task_ids``, which L2M must not use; X-LoRA mixes adapters per token with scalings that a
-classifier computes from an extra forward's hidden states, and runs every adapter on every token.
-None has a pool of trainable keys, a top-k selection by cosine to a frozen-embedding query, a key
-loss or a count penalty. L2M needs per-sample selection *in training*, over 30 entries,
-vectorised; so the pool is one tensor per layer indexed by the selection (two batched matmuls, no
-loop over entries).
+A frozen pretrained transformer gets a *modulation pool*: ``M`` learnable keys and, for every
+targeted linear layer, ``M`` modulators (LoRA matrices or (IA)^3 scaling vectors). Per sample, a
+query from the frozen model's embedding of the input selects the entry whose key is most
+cosine-similar, and that entry's modulators are applied to the sample; keys are pulled toward the
+queries that select them (``1 - cos(q, k)``), modulators learn from the task loss. No task id is
+used. Each pool tensor is one parameter per layer indexed per sample (DDP needs no
+``find_unused_parameters``). :func:`install_l2m` wraps the target layers of any ``nn.Module`` and
+:class:`QueryHooks` computes the query; ``callbacks.l2m.L2M`` does both from a Lightning callback.
+The official code's defaults, each deviation and why not Hugging Face PEFT: ``docs/methods/l2m.md``.
 """
 
 from __future__ import annotations
@@ -97,9 +23,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cl_plugins.peft.lora import check_not_adapted
-from cl_plugins.peft.targets import find_linear_layers, set_submodule
-from cl_plugins.protocols import linear_layer_names
+from cl_plugins.peft.adapters import (
+    AdapterLayer,
+    fused_qkv_rows,
+    inject_adapters,
+    refuse_adapted,
+    rows_index,
+    target_patterns,
+)
+from cl_plugins.peft.adapters import resolve_targets as resolve_layers
+from cl_plugins.peft.presets import PRESETS, FamilyPreset, detect_family
 
 Modulator = Literal["lora", "ia3"]
 QueryMode = Literal["embedding", "pooled"]
@@ -114,26 +47,25 @@ DEFAULT_KEY_LOSS_WEIGHT = 0.5
 #: ``1 / (freq + eps)`` in the count penalty, as upstream
 COUNT_EPS = 1e-6
 
-# Layer presets (regular expressions). A fused qkv projection (a layer named "...qkv") is
-# modulated on the slices named by ``qkv_parts``: "qv" for LoRA, "kv" for (IA)^3 by default.
-_TIMM_QKV = r"attn\.qkv$"
-_BERT_Q, _BERT_K, _BERT_V = r"attention\.self\.query$", r"attention\.self\.key$", r"attention\.self\.value$"
-PRESETS: dict[str, dict[str, Any]] = {
-    "timm_vit": {
-        "detect": _TIMM_QKV,
-        "lora": [_TIMM_QKV, r"mlp\.fc1$"],
-        "ia3": [_TIMM_QKV],
-        "ia3_input": [r"mlp\.fc2$"],
-        "query_module": r"(^|\.)patch_embed$",
-    },
-    "bert": {
-        "detect": _BERT_Q,
-        "lora": [_BERT_Q, _BERT_V, r"intermediate\.dense$"],
-        "ia3": [_BERT_K, _BERT_V],
-        "ia3_input": [r"(?<!attention\.)output\.dense$"],
-        "query_module": r"(^|\.)embeddings$",
-    },
-}
+
+def _lora_targets(family: FamilyPreset) -> tuple[str, ...]:
+    """Upstream's LoRA placement: the query and value projections and the first FF layer."""
+    return (*family.projections("qv"), family.ffn_in)
+
+
+def _ia3_targets(family: FamilyPreset) -> tuple[str, ...]:
+    """Upstream's (IA)^3 placement: keys and values scaled."""
+    return family.projections("kv")
+
+
+def _ia3_input_targets(family: FamilyPreset) -> tuple[str, ...]:
+    """(IA)^3 on the FF activation: the input of the second FF layer is scaled."""
+    return (family.ffn_out,)
+
+
+#: default placement per modulator, as roles of the family table (:mod:`cl_plugins.peft.presets`)
+DEFAULT_TARGETS = {"lora": _lora_targets, "ia3": _ia3_targets}
+#: slices of a fused qkv layer modulated by default
 DEFAULT_QKV_PARTS = {"lora": "qv", "ia3": "kv"}
 #: modules whose output is random in train mode (a query module holding one needs a tap before it)
 _DROPOUT_TYPES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
@@ -275,6 +207,8 @@ class ModulationPool(nn.Module):
         self.keys.requires_grad_(self.key_loss_weight > 0)
         self.register_buffer("inv_freq", torch.full((pool_size,), 1.0 / pool_size))
         self.state = SelectionState()
+        #: the :class:`QueryHooks` feeding this pool while installed (read by ``cl_plugins.export``)
+        self.query_hooks: QueryHooks | None = None
         self.last_key_loss: Tensor | None = None
 
     def extra_repr(self) -> str:
@@ -364,19 +298,7 @@ class ModulationPool(nn.Module):
 
 
 # --------------------------------------------------------------------------- modulated layers
-def _fused_index(out_features: int, parts: str | None) -> Tensor | None:
-    """Output indices of the ``parts`` (subset of "qkv") of a fused qkv projection."""
-    if parts is None:
-        return None
-    if out_features % 3:
-        raise ValueError(f"a fused qkv layer needs out_features divisible by 3, got {out_features}")
-    if not parts or set(parts) - set("qkv"):
-        raise ValueError(f"qkv_parts must be a non-empty subset of 'qkv', got {parts!r}")
-    d = out_features // 3
-    return torch.cat([torch.arange(i * d, (i + 1) * d) for i, p in enumerate("qkv") if p in parts])
-
-
-class PooledLoRALinear(nn.Module):
+class PooledLoRALinear(AdapterLayer):
     """A frozen ``nn.Linear`` plus a pool of LoRA modulators selected per sample.
 
     ``y_b = W0 x_b + (alpha / r) * mean_j B_{idx[b,j]} A_{idx[b,j]} x_b`` on the output features in
@@ -387,6 +309,8 @@ class PooledLoRALinear(nn.Module):
     :func:`install_l2m` passes upstream's pooled fan-in (:func:`upstream_lora_fan_in`) by default.
     ``B = 0``.
     """
+
+    unmergeable_reason = "each sample selects its modulators from the pool by its query"
 
     def __init__(
         self, base: nn.Linear, pool: ModulationPool, rank: int = DEFAULT_RANK, alpha: float | None = None,
@@ -429,13 +353,15 @@ class PooledLoRALinear(nn.Module):
         return pool._attach_pending(out)
 
 
-class PooledIA3Linear(nn.Module):
+class PooledIA3Linear(AdapterLayer):
     """A frozen ``nn.Linear`` whose output (or input) is scaled by per-sample selected (IA)^3 vectors.
 
     ``side="output"``: ``y_b = l_{idx[b]} * (W0 x_b)`` on the features in ``index`` (keys and values);
     ``side="input"``: ``y_b = W0 (l_{idx[b]} * x_b)`` (the FF activation before the second FF layer).
     With ``top_k > 1`` the selected vectors are averaged. Vectors start at one (identity).
     """
+
+    unmergeable_reason = "each sample selects its scaling vectors from the pool by its query"
 
     def __init__(
         self, base: nn.Linear, pool: ModulationPool, side: Literal["output", "input"] = "output",
@@ -491,16 +417,6 @@ class L2MTargets:
     preset: str | None
 
 
-def detect_preset(model: nn.Module) -> str | None:
-    """``"timm_vit"`` or ``"bert"`` from the model's module names, else ``None`` (a layer that another
-    adapter wraps still names the family, so the adapter check can name it)."""
-    names = [n for n, _ in model.named_modules()]
-    for preset, spec in PRESETS.items():
-        if any(re.search(spec["detect"], n) for n in names):
-            return preset
-    return None
-
-
 def resolve_targets(
     model: nn.Module,
     modulator: Modulator,
@@ -510,44 +426,32 @@ def resolve_targets(
     exclude: Iterable[str] = (),
     occupied: Mapping[str, Iterable[str]] | None = None,
 ) -> L2MTargets:
-    """Which layers get which modulator (see the module docstring for the presets).
+    """Which layers get which modulator.
 
-    ``targets`` / ``input_targets`` are regular expressions (``None``: the preset of the detected
-    architecture). A matched layer named ``...qkv`` whose output splits in three is modulated on
-    the ``qkv_parts`` slices only (default "qv" for LoRA, "kv" for (IA)^3, as upstream).
-
-    Raises a ``RuntimeError`` naming the layer and its adapter when a pattern matches a layer that
-    another adapter already wraps (or the ``base`` inside such a wrapper, or a layer inside a module
-    registered in ``occupied``: injection key -> qualified module names, as the injection callbacks
-    record them): see :func:`cl_plugins.peft.lora.check_not_adapted`.
+    ``targets`` / ``input_targets`` are regular expressions (``None``: :data:`DEFAULT_TARGETS` of the
+    detected family; (IA)^3 then also scales the input of the second FF layer). A matched fused
+    ``qkv`` layer is modulated on the ``qkv_parts`` slices only (default "qv" for LoRA, "kv" for
+    (IA)^3, as upstream). A layer another adapter holds is refused with the names of the layer and
+    the adapter (:func:`cl_plugins.peft.adapters.resolve_targets`; ``occupied``: injection key ->
+    qualified module names, as the injection callbacks record them).
     """
     if modulator not in ("lora", "ia3"):
         raise ValueError(f"modulator must be 'lora' or 'ia3', got {modulator!r}")
     if modulator == "lora" and input_targets:
         raise ValueError("input_targets apply to (IA)^3 only (input scaling); LoRA modulates layer outputs")
     parts = DEFAULT_QKV_PARTS[modulator] if qkv_parts is None else qkv_parts
-    _fused_index(3, parts)  # validates qkv_parts early
-    preset = detect_preset(model)
+    fused_qkv_rows(3, parts)  # validates qkv_parts early
     if targets is None:
-        if preset is None:
-            raise ValueError(
-                "L2M could not recognise the model (no timm ViT 'attn.qkv' or BERT 'attention.self.query' "
-                f"layer): pass targets=[...] (regular expressions). Linear layers: {linear_layer_names(model)[:40]}"
-            )
-        targets = PRESETS[preset][modulator]
+        targets = target_patterns(model, None, DEFAULT_TARGETS[modulator], "L2M")
         if input_targets is None and modulator == "ia3":
-            input_targets = PRESETS[preset]["ia3_input"]
-    check_not_adapted(model, [*targets, *(input_targets or [])], "L2M", occupied)
-    excluded = set(exclude)
-    out: dict[str, str | None] = {}
-    for name, layer in find_linear_layers(model, list(targets), exclude=excluded).items():
-        fused = re.search(r"(^|\.)qkv$", name) is not None and layer.out_features % 3 == 0
-        out[name] = parts if fused else None
-    inp = list(find_linear_layers(model, list(input_targets), exclude=excluded)) if input_targets else []
+            input_targets = target_patterns(model, None, _ia3_input_targets, "L2M")
+    out = resolve_layers(model, targets, method="L2M", qkv_parts=parts, exclude=exclude, occupied=occupied)
+    inp = list(resolve_layers(model, input_targets, method="L2M", exclude=exclude, occupied=occupied)) \
+        if input_targets else []
     both = sorted(set(out) & set(inp))
     if both:
         raise ValueError(f"layers {both} are both output and input targets: give each layer one role")
-    return L2MTargets(output=out, input=inp, preset=preset)
+    return L2MTargets(output=out, input=inp, preset=detect_family(model))
 
 
 def find_query_module(model: nn.Module, name: str | None, preset: str | None) -> tuple[str, nn.Module]:
@@ -557,7 +461,7 @@ def find_query_module(model: nn.Module, name: str | None, preset: str | None) ->
         if name not in modules:
             raise ValueError(f"query_module '{name}' is not a module of {type(model).__name__}")
         return name, modules[name]
-    patterns = [PRESETS[preset]["query_module"]] if preset else [s["query_module"] for s in PRESETS.values()]
+    patterns = [PRESETS[preset].query_module] if preset else [s.query_module for s in PRESETS.values()]
     for pattern in patterns:
         hits = [n for n in modules if re.search(pattern, n)]
         if hits:
@@ -662,6 +566,7 @@ class QueryHooks:
         """Registers the hooks (idempotent)."""
         if self.handles:
             return self
+        self.pool.query_hooks = self
         if self.mode == "embedding":
             self.handles.append(self.query_module.register_forward_pre_hook(self._on_query_start, with_kwargs=True))
             self.handles.append(self.query_tap.register_forward_hook(self._on_tap))
@@ -676,6 +581,8 @@ class QueryHooks:
         for h in self.handles:
             h.remove()
         self.handles = []
+        if self.pool.query_hooks is self:
+            self.pool.query_hooks = None
 
     # ---- query sources
     @staticmethod
@@ -763,8 +670,8 @@ def upstream_lora_fan_in(model: nn.Module, placement: L2MTargets, rank: int) -> 
     width = 0
     for name, parts in placement.output.items():
         base = model.get_submodule(name)
-        index = _fused_index(base.out_features, parts)
-        width += base.out_features if index is None else int(index.numel())
+        width += base.out_features if parts is None else sum(e - s for _, s, e in fused_qkv_rows(base.out_features,
+                                                                                                 parts))
     if width == 0:
         raise ValueError("no LoRA output targets in the placement: nothing to initialise")
     return rank * width
@@ -821,7 +728,7 @@ def install_l2m(
     ``placement`` (from :func:`resolve_targets`) overrides ``targets`` / ``input_targets`` /
     ``qkv_parts``. ``lora_init``: ``"upstream"`` draws every LoRA ``A`` with upstream's pooled
     bound ``1 / sqrt(upstream_lora_fan_in(...))``, ``"linear"`` with each layer's ``1 / sqrt(d_in)``
-    (see the module docstring). ``occupied``: modules other injections registered (layers inside
+    (``docs/methods/l2m.md``). ``occupied``: modules other injections registered (layers inside
     them are refused). The caller installs the query hooks (:class:`QueryHooks`). Returns the pool
     and the placement.
     """
@@ -833,24 +740,24 @@ def install_l2m(
     if placement is None:
         placement = resolve_targets(model, modulator, targets, input_targets, qkv_parts, exclude, occupied)
     else:
-        check_not_adapted(model, [f"^{re.escape(n)}$" for n in [*placement.output, *placement.input]], "L2M",
-                          occupied)
+        refuse_adapted(model, {*placement.output, *placement.input}.__contains__, "L2M", occupied)
     fan_in = None
     if modulator == "lora" and lora_init == "upstream" and placement.output:
         fan_in = upstream_lora_fan_in(model, placement, rank)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     pool = ModulationPool(pool_size, key_dim, top_k, key_loss_weight, key_init).to(device)
     model.add_module(pool_name, pool)
-    for name, parts in placement.output.items():
-        base = model.get_submodule(name)
-        index = _fused_index(base.out_features, parts)
-        new: nn.Module
+    inputs = set(placement.input)
+
+    def build(name: str, base: nn.Linear, rows: list[tuple[str, int, int]] | None) -> AdapterLayer:
+        if name in inputs:
+            return PooledIA3Linear(base, pool, side="input", name=name)
+        index = None if rows is None else rows_index(rows).to(base.weight.device)
         if modulator == "lora":
-            new = PooledLoRALinear(base, pool, rank=rank, alpha=alpha, out_index=index, name=name, init_fan_in=fan_in)
-        else:
-            new = PooledIA3Linear(base, pool, side="output", index=index, name=name)
-        set_submodule(model, name, new)
-    for name in placement.input:
-        set_submodule(model, name, PooledIA3Linear(model.get_submodule(name), pool, side="input", name=name))
+            return PooledLoRALinear(base, pool, rank=rank, alpha=alpha, out_index=index, name=name, init_fan_in=fan_in)
+        return PooledIA3Linear(base, pool, side="output", index=index, name=name)
+
+    inject_adapters(model, build, {**placement.output, **dict.fromkeys(placement.input)}, method="L2M",
+                    occupied=occupied)
     pool.state.layer_names = list(placement.output) + list(placement.input)
     return pool, placement

@@ -1,99 +1,31 @@
 """LoRA layers: a frozen ``nn.Linear`` plus groups of low-rank modules, for plain LoRA and PEGO.
 
 A :class:`LoRAGroupLinear` computes ``y = W0 x + b + sum_i (alpha / r) B_i A_i x`` with a group of
-``N`` LoRA modules (``A_i: r x d_in``, Kaiming-uniform like ``nn.Linear``; ``B_i: d_out x r``, zero,
-so training starts exactly at the pretrained model). Plain LoRA is the group of one module. A
-group can adapt only some output rows of a layer: a fused timm ``qkv`` projection is adapted on its
-q and v slices (each slice its own group), as the official PEGO code does.
-
-Why our own layer and not Hugging Face PEFT's ``LoraLayer`` (peft 0.21 is installed)? PEFT can keep
-several adapters active at once (their updates are summed) and merges them, but what PEGO needs
-falls outside it:
-
-- PEGO adapts the q and v slices of timm's fused ``qkv`` layer; PEFT's ``Linear`` adapts the whole
-  output of a layer.
-- the orthogonality terms need the ``N`` factors of a group together, as stacked tensors, to compute
-  every pair in one batched float32 product; PEFT keeps them in per-adapter dictionaries.
-- the group runs as one rank ``N*r`` product (two matmuls), not ``N`` adapter calls.
-- merging must be recorded *in the checkpoint*: PEFT keeps its merged state in a Python list, so a
-  checkpoint saved after merging would load as "unmerged" over merged weights and count the update
-  twice. Here a ``lora_merged`` buffer travels with the weights it describes (see below).
-
-The layer is small; :func:`peft_lora_state_dict` writes a group in PEFT's LoRA format (one adapter
-of rank ``parts * N * r`` per layer, exact), so PEFT users can load what we train.
-
-Merging. :meth:`LoRAGroupLinear.merge` folds the update into ``base.weight`` (computed in float32)
-and sets the ``lora_merged`` buffer; :meth:`~LoRAGroupLinear.unmerge` subtracts it again, exact up
-to one rounding of the weight in its dtype (~1e-7 relative in float32, ~4e-3 in bfloat16: merge
-low-precision weights for inference rather than cycling merge/unmerge during training). The
-state_dict has the same keys in both states and the flag is loaded with the weights, so any
-checkpoint (saved before or after merging) loads into a merged or unmerged module consistently. A
-merged layer costs one plain linear layer at inference; training it while merged raises (unmerge
-first).
+``N`` LoRA modules (``A_i`` Kaiming-uniform, ``B_i`` zero: training starts at the pretrained model);
+plain LoRA is the group of one. A group can adapt only some output rows (the q and v slices of a
+fused ``qkv`` layer, each slice its own group). :meth:`LoRAGroupLinear.merge` folds the update into
+the base weight and records it in the ``lora_merged`` buffer, so checkpoints saved before or after
+merging load consistently. :func:`peft_lora_state_dict` writes the groups in Hugging Face PEFT's
+format. Why our own layer and not PEFT's, and the merging details: ``docs/methods/lora.md``.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cl_plugins.peft.adapters import AdapterLayer, inject_adapters
 from cl_plugins.peft.dropout import FastDropout
-from cl_plugins.peft.targets import BERT_ATTENTION, TIMM_VIT_ATTENTION, find_linear_layers, set_submodule
-from cl_plugins.protocols import linear_layer_names
-
-#: name pattern of a fused timm attention projection (output = [q; k; v])
-TIMM_QKV = r"attn\.qkv$"
-#: layer-name patterns that identify a model family
-FAMILY_DETECT = {"timm_vit": TIMM_QKV, "bert": r"attention\.self\.query$"}
-#: plain LoRA's default targets: every attention projection of the family
-LORA_DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {"timm_vit": TIMM_VIT_ATTENTION, "bert": BERT_ATTENTION}
+from cl_plugins.peft.presets import FamilyPreset
 
 
-def detect_family(model: nn.Module) -> str | None:
-    """``"timm_vit"`` or ``"bert"`` from the model's module names, else ``None`` (adapted layers count:
-    a wrapped ``attn.qkv`` still names the family)."""
-    names = [n for n, _ in model.named_modules()]
-    for family, pattern in FAMILY_DETECT.items():
-        rx = re.compile(pattern)
-        if any(rx.search(n) for n in names):
-            return family
-    return None
-
-
-def resolve_targets(
-    model: nn.Module, targets: Sequence[str] | str | None, defaults: Mapping[str, Sequence[str]], method: str
-) -> list[str]:
-    """``targets`` as a list of patterns, or the defaults of the detected model family."""
-    if targets is not None:
-        return [targets] if isinstance(targets, str) else list(targets)
-    family = detect_family(model)
-    if family is None:
-        names = linear_layer_names(model)
-        raise ValueError(
-            f"{method} could not recognise the model family (no timm ViT 'attn.qkv' or BERT "
-            "'attention.self.query' layer), so it has no default targets: pass targets=[...] (regular "
-            f"expressions searched in layer names). Linear layers: {names[:40]}"
-        )
-    return list(defaults[family])
-
-
-def qkv_parts_rows(out_features: int, parts: str) -> list[tuple[str, int, int]]:
-    """Row ranges ``(name, start, stop)`` of the ``parts`` (a subset of "qkv") of a fused projection."""
-    if not parts or set(parts) - set("qkv") or len(set(parts)) != len(parts):
-        raise ValueError(f"qkv_parts must be a non-empty subset of 'qkv' without repeats, got {parts!r}")
-    if out_features % 3:
-        raise ValueError(f"a fused qkv layer needs out_features divisible by 3, got {out_features}")
-    d = out_features // 3
-    return [(p, i * d, (i + 1) * d) for i, p in enumerate("qkv") if p in parts]
-
-
-class LoRAGroupLinear(nn.Module):
+class LoRAGroupLinear(AdapterLayer):
     """A frozen linear layer plus, on each adapted row range, a group of ``num_loras`` LoRA modules.
 
     ``y = base(x)``; on rows ``[s, e)`` of each part ``y[..., s:e] += (alpha / r) sum_i B_i A_i dropout(x)``.
@@ -111,6 +43,8 @@ class LoRAGroupLinear(nn.Module):
     Parameters: ``lora_A[p]`` of shape ``(N, r, d_in)`` and ``lora_B[p]`` of shape ``(stop - start, N, r)``
     for part ``p``; the group is one rank ``N*r`` LoRA whose factors are views of these.
     """
+
+    mergeable: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -183,12 +117,14 @@ class LoRAGroupLinear(nn.Module):
         return [(w[s:e], a, b) for (s, e), a, b in zip(self.row_ranges, self.lora_A, self.lora_B)]
 
     def delta_weights(self) -> list[Tensor]:
-        """Per part, the float32 update ``(alpha / r) sum_i B_i A_i`` of shape ``(rows, d_in)``."""
+        """Per part, the update ``(alpha / r) sum_i B_i A_i`` of shape ``(rows, d_in)``, in float32
+        (float64 for float64 factors)."""
         out = []
         with torch.autocast(device_type=self.base.weight.device.type, enabled=False):
             for a, b in zip(self.lora_A, self.lora_B):
-                a2 = a.float().reshape(-1, a.shape[-1])  # (N*r, d_in)
-                b2 = b.float().reshape(b.shape[0], -1)  # (rows, N*r)
+                dtype = torch.promote_types(a.dtype, torch.float32)
+                a2 = a.to(dtype).reshape(-1, a.shape[-1])  # (N*r, d_in)
+                b2 = b.to(dtype).reshape(b.shape[0], -1)  # (rows, N*r)
                 out.append(self.scaling * (b2 @ a2))
         return out
 
@@ -212,7 +148,12 @@ class LoRAGroupLinear(nn.Module):
     def _add_delta(self, sign: float) -> None:
         w = self.base.weight
         for (s, e), delta in zip(self.row_ranges, self.delta_weights()):
-            w[s:e] = (w[s:e].float() + sign * delta).to(w.dtype)
+            w[s:e] = (w[s:e].to(delta.dtype) + sign * delta).to(w.dtype)
+
+    def merge_and_unwrap(self) -> nn.Linear:
+        """Merges the group (if not yet) and returns the base layer, which now computes the adapted function."""
+        self.merge()
+        return self.base
 
     def _set_merged(self, value: bool) -> None:
         self._merged = value
@@ -260,74 +201,10 @@ class LoRAGroupLinear(nn.Module):
 
 
 # ---------------------------------------------------------------------- injection
-_WRAPPER_ATTRS = ("base", "base_layer")
-
-
-def _is_wrapper(module: nn.Module) -> bool:
-    """An adapter wrapped around a linear layer (ours, PEFT's, or another callback's ``base`` wrapper)."""
-    if isinstance(module, LoRAGroupLinear):
-        return True
-    if isinstance(module, nn.Linear):
-        return False
-    return any(isinstance(getattr(module, a, None), nn.Linear) for a in _WRAPPER_ATTRS)
-
-
-def check_not_adapted(
-    model: nn.Module, patterns: Sequence[str], method: str, occupied: Mapping[str, Iterable[str]] | None = None
-) -> None:
-    """Raises a ``RuntimeError`` when a layer matched by ``patterns`` is already adapted.
-
-    A target is taken when it is no longer a plain ``nn.Linear`` (a wrapper matched the pattern), when
-    the matched linear layer is the ``base`` of a wrapper, or when it lies inside a module that another
-    injection registered (``occupied``: injection key -> qualified module names).
-    """
-    occupied = occupied or {}
-    if isinstance(patterns, str):
-        patterns = [patterns]
-    try:
-        compiled = [re.compile(p) for p in patterns]
-    except re.error as err:
-        raise ValueError(
-            f"{method}: a target pattern in {list(patterns)} is not a valid regular expression: {err}"
-        ) from err
-    modules = dict(model.named_modules())
-
-    def owner(name: str) -> str | None:
-        for key, names in occupied.items():
-            for r in names:
-                if name == r or name.startswith(r + ".") or r.startswith(name + "."):
-                    return key
-        return None
-
-    for name, module in modules.items():
-        if not name or not any(rx.search(name) for rx in compiled):
-            continue
-        if _is_wrapper(module):
-            where = name
-        elif isinstance(module, nn.Linear):
-            parent_name = name.rpartition(".")[0]
-            if parent_name and _is_wrapper(modules[parent_name]):
-                where = parent_name
-            elif owner(name) is not None:
-                where = name
-            else:
-                continue
-        else:
-            continue
-        key = owner(where)
-        by = f" (injected by {key})" if key else ""
-        what = (f"it lies inside a module injected by {key}" if isinstance(modules[where], nn.Linear)
-                else f"it is no longer a plain nn.Linear but a {type(modules[where]).__name__}{by}")
-        raise RuntimeError(
-            f"{method} cannot adapt '{where}': {what}. Two injection callbacks cannot adapt the same layers: "
-            "give them disjoint targets=[...] (e.g. one on the attention projections, the other on "
-            "r'mlp\\.fc1$'), or use only one of them"
-        )
-
-
+# ---------------------------------------------------------------------- injection
 def inject_lora_groups(
     model: nn.Module,
-    patterns: Sequence[str],
+    patterns: Sequence[str] | str | Mapping[str, str | None] | None,
     num_loras: int = 1,
     rank: int = 8,
     alpha: float | None = None,
@@ -336,27 +213,24 @@ def inject_lora_groups(
     exclude: Iterable[str] = (),
     method: str = "LoRA",
     occupied: Mapping[str, Iterable[str]] | None = None,
+    defaults: Callable[[FamilyPreset], Sequence[str]] | None = None,
 ) -> dict[str, LoRAGroupLinear]:
     """Wraps every linear layer of ``model`` matched by ``patterns`` in a :class:`LoRAGroupLinear`.
 
-    A matched layer named ``...qkv`` whose output splits in three is adapted only on the
-    ``qkv_parts`` slices (each its own group) when ``qkv_parts`` is given; every other layer on all
-    its rows. Raises when a target is already adapted (see :func:`check_not_adapted`) or a pattern
-    matches nothing. Returns the new modules by qualified name (in model order).
+    ``patterns=None`` takes ``defaults`` (roles of the detected family, see
+    :mod:`cl_plugins.peft.presets`). A fused ``...qkv`` layer is adapted only on the ``qkv_parts``
+    slices (each its own group) when ``qkv_parts`` is given; every other layer on all its rows.
+    Raises when a target is already adapted or a pattern matches nothing
+    (:func:`cl_plugins.peft.adapters.inject_adapters`). Returns the new modules by qualified name.
     """
-    check_not_adapted(model, patterns, method, occupied)
-    if qkv_parts is not None:
-        qkv_parts_rows(3, qkv_parts)  # validate early
-    layers = find_linear_layers(model, patterns, exclude=exclude)
-    new: dict[str, LoRAGroupLinear] = {}
-    for name, layer in layers.items():
-        parts = None
-        if qkv_parts is not None and name.endswith("qkv") and layer.out_features % 3 == 0:
-            parts = qkv_parts_rows(layer.out_features, qkv_parts)
-        wrapper = LoRAGroupLinear(layer, num_loras=num_loras, rank=rank, alpha=alpha, dropout=dropout, parts=parts)
-        set_submodule(model, name, wrapper)
-        new[name] = wrapper
-    return new
+
+    def build(name: str, layer: nn.Linear, rows: list[tuple[str, int, int]] | None) -> LoRAGroupLinear:
+        return LoRAGroupLinear(layer, num_loras=num_loras, rank=rank, alpha=alpha, dropout=dropout, parts=rows)
+
+    new = inject_adapters(model, build, patterns, method=method, defaults=defaults, qkv_parts=qkv_parts,
+                          exclude=exclude, occupied=occupied)
+    return new  # type: ignore[return-value]
+
 
 
 def lora_layers(model: nn.Module, names: Iterable[str] | None = None) -> dict[str, LoRAGroupLinear]:

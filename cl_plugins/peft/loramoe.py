@@ -1,73 +1,18 @@
-"""LoRAMoE: LoRA experts with a router and the localized balancing constraint.
+"""LoRAMoE (Dou et al., ACL 2024, arXiv 2312.09979): LoRA experts with a router and the localized
+balancing constraint.
 
-Dou et al., "LoRAMoE: Alleviate World Knowledge Forgetting in Large Language Models via MoE-Style
-Plugin", ACL 2024 (arXiv 2312.09979). Official code: ``Ablustrund/LoRAMoE`` (its modified
-``peft/tuners/lora.py`` and ``transformers/models/llama/modeling_llama.py``), checked for every
-detail below.
-
-The layer. A frozen linear layer ``y = W0 x + b`` gets ``N`` LoRA experts and a router:
-
-    y = W0 x + b + sum_i w_i(x) * (alpha / r) * B_i A_i dropout_i(x),   w(x) = softmax(W_g x)
-
-- the router ``W_g`` is a bias-free linear layer on the layer's input, followed by a dense softmax
-  over the experts: every expert is weighted, no top-k, no noise, no temperature (as the code);
-  the softmax is taken in float32 (as the code) and here the router's logits are too;
-- ``A_i`` (``r x d_in``) is initialised like ``nn.Linear`` (Kaiming-uniform, ``a = sqrt(5)``),
-  ``B_i`` (``d_out x r``) with zeros, so the adapted model starts exactly at the pretrained one;
-  the router is Kaiming-uniform too (as the code);
-- dropout: the code calls its dropout once per expert, i.e. an independent mask per expert; that
-  needs ``N`` masked copies of every input (on 2 CPU cores it made MiniLM's ``output.dense``
-  layer 6x slower than one shared mask: 117 vs 18 ms forward + backward for 16 x 64 tokens). The
-  default here is one mask shared by the experts (standard LoRA dropout, one stacked matmul);
-  ``per_expert_dropout=True`` reproduces the code;
-- placement (paper and code): the feed-forward layers only, backbone frozen. LLaMA's
-  ``gate_proj`` / ``up_proj`` / ``down_proj`` in the code; here ``mlp.fc1`` / ``mlp.fc2`` of timm
-  ViTs and ``intermediate.dense`` / ``output.dense`` of BERT-style encoders.
-
-Defaults: ``N = 6`` experts of rank 4 (paper), ``alpha = 32`` and dropout 0.05 (the code's
-``run_loramoe.sh``, which uses 8 experts and switches the constraint off in its example run),
-``delta = 0.1`` and ``beta = 0.1`` (paper), experts split in two equal groups (the code's
-``lora_num // 2``).
-
-The localized balancing constraint. Experts belong to groups (group 0: the "world knowledge"
-experts, group 1: the "downstream / new task" experts) and every training sample has a type. For
-a batch of ``m`` samples, the importance ``Q[n, j]`` is the router weight of expert ``n`` summed
-over the tokens of sample ``j`` (every position of the sequence, padding included, as the code);
-``I[n, j] = 1 + delta`` where expert ``n``'s group equals sample ``j``'s type, else
-``1 - delta``; ``Z = I o Q``. The loss is ``beta * CV(Z)^2 = beta * var(Z) / (mean(Z)^2 + 1e-10)``
-over all entries of ``Z`` (unbiased variance; 0 when ``Z`` has a single entry). The paper writes
-``var(Z) / mean(Z)``; the code computes the squared coefficient of variation, which is what is
-done here (it does not depend on the sequence length). The term is computed for every LoRAMoE
-layer and the terms are *summed* over layers (the code adds the term of each projection of each
-block to the language-modelling loss). It is computed in float32 whatever the autocast dtype.
-
-What the constraint does (measured in ``tests/test_loramoe_core.py``): its minimum is a uniform
-``Z``, i.e. ``Q[n, j]`` proportional to ``1 / I[n, j]``. Within a group it balances the experts;
-deviations inside the group of the sample's own type weigh ``(1 + delta)^2`` in the variance
-against ``(1 - delta)^2`` in the other group, so balance is enforced where the sample belongs and
-loose elsewhere. Across groups, the constraint's own optimum gives the sample's own group a
-slightly *smaller* share (ratio ``(1 - delta) / (1 + delta)``, 0.82 for ``delta = 0.1``); the
-specialisation of groups on data types that the paper reports comes with the task loss. This
-follows the paper's formula and the official code (which pairs the first half of the experts with
-``task_type == 1`` in ``I``) exactly.
-
-Why our own layer: Hugging Face PEFT (0.21) has LoRA layers, Polytropon (``poly``: routing over
-LoRA "skills" by task id) and X-LoRA (a classifier over frozen, pre-trained adapters that needs a
-second forward pass), but no token-level router trained jointly with its LoRA experts, and
-nothing for a balancing term that depends on each sample's type. The layer keeps the original
-``nn.Linear`` as ``base`` and adds ``router`` (``nn.Linear``) and ``experts`` (stacked ``A``, ``B``).
-
-The sample types of the current batch reach the layers through a :class:`LoRAMoEContext` shared by
-all layers of one injection: the callback hands it the batch before the forward; the types are
-resolved at the first layer's forward (so callbacks that extend the batch in place, such as
-experience replay, are seen), used while the module is in training mode with gradients enabled,
-and dropped before the backward.
+A :class:`LoRAMoELinear` adds to a frozen linear layer ``N`` LoRA experts mixed by a dense softmax
+router: ``y = W0 x + b + sum_i w_i(x) (alpha / r) B_i A_i dropout(x)``, ``w(x) = softmax(W_g x)``.
+Experts form two groups (world knowledge, new tasks); each training sample has a type, and every
+layer adds ``beta * CV(I o Q)^2`` (importance ``Q`` of each expert per sample, weighted by ``1 +- delta``
+as expert group and sample type agree) to the loss, in float32. The sample types reach the layers
+through a :class:`LoRAMoEContext` shared by the layers of one injection. The paper, the official
+code, every deviation and what the constraint does: ``docs/methods/loramoe.md``.
 """
 
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -76,10 +21,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cl_plugins.aux_loss import AuxLossTracker, attach_aux_loss
+from cl_plugins.peft.adapters import AdapterLayer, inject_adapters
 from cl_plugins.peft.dropout import FastDropout
-from cl_plugins.peft.lora import check_not_adapted
-from cl_plugins.peft.targets import BERT_FFN, TIMM_VIT_FFN, find_linear_layers, set_submodule
-from cl_plugins.protocols import linear_layer_names
 
 #: number of experts per layer (paper)
 DEFAULT_NUM_EXPERTS = 6
@@ -99,9 +42,6 @@ DEFAULT_KNOWLEDGE_RATIO = 0.5
 CV_EPS = 1e-10
 #: number of expert groups / sample types: world knowledge (0) and downstream / new tasks (1)
 NUM_GROUPS = 2
-
-#: target presets tried in order when no targets are given (the paper's FFN placement)
-FFN_PRESETS: dict[str, tuple[str, ...]] = {"timm ViT": TIMM_VIT_FFN, "BERT": BERT_FFN}
 
 
 # ---------------------------------------------------------------------------------------------- math
@@ -363,7 +303,7 @@ class LoRAExperts(nn.Module):
         return f"experts={n}, rank={r}, in={d_in}, out={self.lora_B.shape[1]}, alpha={self.alpha}"
 
 
-class LoRAMoELinear(nn.Module):
+class LoRAMoELinear(AdapterLayer):
     """A frozen ``nn.Linear`` plus routed LoRA experts (see the module docstring).
 
     Args:
@@ -372,6 +312,8 @@ class LoRAMoELinear(nn.Module):
         expert_groups: group of each expert; default: two equal halves (first half group 0).
         context: shared :class:`LoRAMoEContext` carrying the sample types; ``None``: no constraint.
     """
+
+    unmergeable_reason = "its router weights the experts per token from the input"
 
     def __init__(self, base: nn.Linear, num_experts: int = DEFAULT_NUM_EXPERTS, rank: int = DEFAULT_RANK,
                  alpha: float = DEFAULT_ALPHA, dropout: float = DEFAULT_DROPOUT,
@@ -418,37 +360,6 @@ class LoRAMoELinear(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------- injection
-def resolve_ffn_patterns(model: nn.Module, targets: Sequence[str] | None) -> list[str]:
-    """The target patterns: ``targets``, or the first FFN preset whose every pattern names a module
-    of ``model`` (a wrapper another injection put on an FFN layer counts, so that the conflict is
-    reported as such and not as a model without FFN layers)."""
-    if targets is not None:
-        return [targets] if isinstance(targets, str) else list(targets)
-    names = [n for n, _ in model.named_modules() if n]
-    for preset in FFN_PRESETS.values():
-        if all(any(re.search(p, n) for n in names) for p in preset):
-            return list(preset)
-    linear = linear_layer_names(model)
-    shown = ", ".join(linear[:40]) + (f", ... ({len(linear)} in all)" if len(linear) > 40 else "")
-    raise ValueError(
-        f"LoRAMoE found no feed-forward layers of a timm ViT (mlp.fc1 / mlp.fc2) or a BERT-style encoder "
-        f"(intermediate.dense / output.dense) in {type(model).__name__}: pass targets= (regular expressions of the "
-        f"FFN linear layers). Its linear layers are: {shown or 'none'}"
-    )
-
-
-def resolve_ffn_targets(model: nn.Module, targets: Sequence[str] | None, exclude: Sequence[str] = (),
-                        occupied: Mapping[str, Iterable[str]] | None = None) -> dict[str, nn.Linear]:
-    """The linear layers to equip: ``targets`` patterns, or the FFN preset that matches ``model``.
-
-    Raises when a target is already adapted by another injection (see
-    :func:`cl_plugins.peft.lora.check_not_adapted`; ``occupied``: injection key -> module names).
-    """
-    patterns = resolve_ffn_patterns(model, targets)
-    check_not_adapted(model, patterns, "LoRAMoE", occupied)
-    return find_linear_layers(model, patterns, exclude=exclude)
-
-
 def inject_loramoe(
     model: nn.Module,
     context: LoRAMoEContext,
@@ -462,17 +373,19 @@ def inject_loramoe(
 ) -> list[str]:
     """Replaces the target linear layers of ``model`` with :class:`LoRAMoELinear` sharing ``context``.
 
-    Returns the qualified names of the trainable new modules (``<layer>.router``, ``<layer>.experts``).
-    A target that another adapter (LoRA, PEGO, L2M, an earlier LoRAMoE) already wraps is refused.
+    ``targets=None``: the feed-forward layers of the detected family (the paper's placement; see
+    :mod:`cl_plugins.peft.presets`). Returns the qualified names of the trainable new modules
+    (``<layer>.router``, ``<layer>.experts``). A target that another adapter (LoRA, PEGO, L2M, an
+    earlier LoRAMoE) already wraps is refused (:func:`cl_plugins.peft.adapters.inject_adapters`).
     """
-    layers = resolve_ffn_targets(model, targets, exclude, occupied)
-    new: list[str] = []
-    for name, layer in layers.items():
-        moe = LoRAMoELinear(layer, context.num_experts, rank, alpha, dropout, context.expert_groups, context,
-                            per_expert_dropout)
-        set_submodule(model, name, moe)
-        new += [f"{name}.router", f"{name}.experts"]
-    return new
+
+    def build(name: str, layer: nn.Linear, rows: list[tuple[str, int, int]] | None) -> LoRAMoELinear:
+        return LoRAMoELinear(layer, context.num_experts, rank, alpha, dropout, context.expert_groups, context,
+                             per_expert_dropout)
+
+    new = inject_adapters(model, build, targets, method="LoRAMoE", defaults=lambda family: family.ffn,
+                          exclude=exclude, occupied=occupied)
+    return [f"{name}.{m}" for name in new for m in ("router", "experts")]
 
 
 def loramoe_layers(model: nn.Module) -> dict[str, LoRAMoELinear]:

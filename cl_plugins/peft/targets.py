@@ -3,7 +3,8 @@
 Patterns are regular expressions searched in qualified module names (``re.search``), so
 ``"qkv"`` matches ``blocks.3.attn.qkv`` and ``r"intermediate\\.dense$"`` matches
 ``encoder.layer.0.intermediate.dense``. A pattern that matches no linear layer is an error that
-lists the model's linear layers.
+lists the model's linear layers. The default targets of each model family are in
+:mod:`cl_plugins.peft.presets`.
 """
 
 from __future__ import annotations
@@ -13,15 +14,10 @@ from collections.abc import Iterable, Sequence
 
 from torch import nn
 
-from cl_plugins.protocols import linear_layer_names
 
-#: timm ViT blocks: attention projections and MLP
-TIMM_VIT_ATTENTION = (r"attn\.qkv$", r"attn\.proj$")
-TIMM_VIT_FFN = (r"mlp\.fc1$", r"mlp\.fc2$")
-#: BERT-style encoders (BERT, MiniLM, RoBERTa)
-BERT_ATTENTION = (r"attention\.self\.query$", r"attention\.self\.key$", r"attention\.self\.value$",
-                  r"attention\.output\.dense$")
-BERT_FFN = (r"intermediate\.dense$", r"(?<!attention\.)output\.dense$")
+def linear_layer_names(model: nn.Module) -> list[str]:
+    """Qualified names of every ``nn.Linear`` in ``model`` (for error messages)."""
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
 
 
 def find_linear_layers(
