@@ -3,15 +3,18 @@
 from callbacks.base import ContinualCallback, get_stream
 from callbacks.der import DER, DERPP
 from callbacks.drtune import DRTune
+from callbacks.ewc import OnlineEWC
 from callbacks.injection import InjectionCallback
 from callbacks.joint import JointTraining
 from callbacks.kfpf import FPF, KFPF
 from callbacks.l2m import L2M
 from callbacks.lora import LoRA
 from callbacks.loramoe import LoRAMoE
+from callbacks.lwf import LwF
 from callbacks.metrics import ContinualMetrics
 from callbacks.pego import PEGO
 from callbacks.replay import ExperienceReplay
+from callbacks.si import SynapticIntelligence
 
 __all__ = [
     "DER",
@@ -20,7 +23,10 @@ __all__ = [
     "FPF",
     "KFPF",
     "L2M",
+    "LwF",
+    "OnlineEWC",
     "PEGO",
+    "SynapticIntelligence",
     "ContinualCallback",
     "ContinualMetrics",
     "ExperienceReplay",

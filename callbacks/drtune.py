@@ -16,7 +16,12 @@ backbones; :func:`cl_plugins.protocols.find_head`) with **no change to the user'
 - every training step: the head hook computes ``f_p`` with the frozen copy, builds the calibrated
   features ``z~`` from the bank, attaches ``lambda * CE(head(z~), bank_labels)`` to the head's
   output (:meth:`ContinualCallback.attach_loss`: exact ``loss + term`` gradients under
-  accumulation, AMP and DDP; logged as ``drtune/dr_loss``) and enqueues ``(f_p, f_d, y)``.
+  accumulation, AMP and DDP; logged as ``drtune/dr_loss``) and enqueues ``(f_p, f_d, y)``. By
+  default (``dr_weight="official"``) the gradient of the user's loss through the head's output
+  is scaled by ``B / (B + K)`` and ``lambda = K / (B + K)``: the official loss, one cross entropy
+  over the ``B + K`` rows, at the user's learning rate (:mod:`cl_plugins.drtune.regularizer`).
+
+Method notes, official hyperparameters and deviations: ``docs/methods/drtune.md``.
 
 Under DDP the features and labels are all-gathered before they enter the bank, so every rank
 holds the same bank and computes the same term. The bank, the cached rotation, the step counter
@@ -32,6 +37,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from callbacks.base import ContinualCallback
@@ -41,9 +47,13 @@ from cl_plugins.drtune import (
     BankMode,
     DistributionRegularizer,
     DRTuneTap,
+    DRWeight,
     FeatureBank,
     FrozenEncoder,
+    HeadLrScale,
+    check_dr_weight,
     head_linear,
+    init_head_weight,
 )
 from cl_plugins.protocols import find_head
 from datamodules.stream import ContinualDataModule
@@ -53,11 +63,19 @@ class DRTune(ContinualCallback):
     """DR-Tune's distribution regularization on a stream, through hooks.
 
     Args:
-        dr_weight: ``lambda`` of ``L_CE + lambda * L_DR``. ``None`` (default): ``K / B``, the official
-            code's implicit weight, with ``K`` the filled bank rows that enter ``L_DR`` in the step
-            (the bank size once it is full, as always in the official code after its warm-up) and
-            ``B`` the rows of the global batch; the official run then corresponds to learning rates
-            multiplied by ``B / (B + K)`` (see :mod:`cl_plugins.drtune.regularizer`, "Which K").
+        dr_weight: how ``L_DR`` and the user's loss ``L_CE`` combine, with ``K`` the filled bank rows
+            that enter ``L_DR`` in the step (the bank size once it is full) and ``B`` the rows of the
+            global batch (:mod:`cl_plugins.drtune.regularizer`). ``"official"`` (default): the
+            official loss ``(B * L_CE + K * L_DR) / (B + K)`` at the user's learning rate (the
+            gradient of ``L_CE`` through the head's output is scaled by ``B / (B + K)``); ``"K/B"``:
+            ``L_CE + (K / B) * L_DR``, ``(B + K) / B`` times the official step (pair it with learning
+            rates multiplied by ``B / (B + K)``); a number ``lambda``: ``L_CE + lambda * L_DR``.
+        head_init_std: draw the head's weight from ``N(0, std)`` at the first fit start (official:
+            0.01, :data:`~cl_plugins.drtune.head.OFFICIAL_HEAD_INIT_STD`); ``None`` (default) leaves
+            the head as the model built it. Not applied again on resume or in later fits.
+        head_lr_scale: multiply the head's learning rate by this (official: 33, 0.33 against the
+            backbone's 0.01), applied as a scale on the head's optimizer updates
+            (:class:`~cl_plugins.drtune.head.HeadLrScale`); 1 (default) leaves the optimizer alone.
         bank_size: ``K`` (official: 2048).
         bank_mode: ``"class_balanced"`` (default, our choice for streams: ``K // C`` slots per class,
             old classes stay represented) or ``"fifo"`` (the official queue).
@@ -77,12 +95,16 @@ class DRTune(ContinualCallback):
             and frozen; its weights are not checkpointed: rebuild it when resuming).
         save_frozen_weights: put the frozen copy's weights in the checkpoint (needed to resume
             exactly: after a resume the model is no longer the pretrained one).
-        log_stats: log ``drtune/dr_ce`` (unweighted ``L_DR``), ``drtune/weight`` and ``drtune/bank_rows``.
+        log_stats: log ``drtune/dr_ce`` (unweighted ``L_DR``), ``drtune/weight`` (of ``L_DR``),
+            ``drtune/task_scale`` (on the user's loss gradient), ``drtune/bank_rows`` and
+            ``drtune/rotation_rank`` (of the last rotation fit).
     """
 
     def __init__(
         self,
-        dr_weight: float | None = None,
+        dr_weight: DRWeight = "official",
+        head_init_std: float | None = None,
+        head_lr_scale: float = 1.0,
         bank_size: int = DEFAULT_BANK_SIZE,
         bank_mode: BankMode = "class_balanced",
         rotation_interval: int = DEFAULT_ROTATION_INTERVAL,
@@ -96,8 +118,12 @@ class DRTune(ContinualCallback):
         log_stats: bool = True,
     ) -> None:
         super().__init__()
-        if dr_weight is not None and dr_weight < 0:
-            raise ValueError(f"dr_weight must be >= 0 (or None for the official K/B), got {dr_weight}")
+        check_dr_weight(dr_weight)
+        if head_init_std is not None and not head_init_std > 0:
+            raise ValueError(f"head_init_std must be > 0 (official: 0.01) or None, got {head_init_std}")
+        if not head_lr_scale > 0:
+            raise ValueError(f"head_lr_scale must be > 0 (official: 33; 1 leaves the optimizer alone), got "
+                             f"{head_lr_scale}")
         if bank_size < 1:
             raise ValueError(f"bank_size must be >= 1, got {bank_size}")
         if bank_mode not in ("class_balanced", "fifo"):
@@ -109,6 +135,7 @@ class DRTune(ContinualCallback):
         if pretrained_features is not None and not callable(pretrained_features):
             raise TypeError("pretrained_features must be a callable fn(*inputs) -> features, or None")
         self.dr_weight = dr_weight
+        self.head_init_std, self.head_lr_scale = head_init_std, float(head_lr_scale)
         self.bank_size, self.bank_mode = bank_size, bank_mode
         self.rotation_interval, self.cache_rotation = rotation_interval, cache_rotation
         self.warmup_batches, self.warmup_each_experience = warmup_batches, warmup_each_experience
@@ -123,6 +150,11 @@ class DRTune(ContinualCallback):
         self.tap: DRTuneTap | None = None
         self._pending: dict[str, Any] | None = None
         self._config: dict[str, Any] | None = None
+        #: whether the stream's first fit start, where ``head_init_std`` applies, has passed (checkpointed)
+        self.head_init_done = False
+        self._lr_scale: HeadLrScale | None = None
+        self._head: nn.Module | None = None
+        self._reported_rank = False
 
     # ------------------------------------------------------------------ set-up
     def _root_and_head(self, pl_module: pl.LightningModule) -> tuple[nn.Module, str, nn.Module]:
@@ -150,6 +182,13 @@ class DRTune(ContinualCallback):
         dim, num_classes = linear.in_features, linear.out_features
         pending, self._pending = self._pending, None
         device = pl_module.device
+        self._head, self._reported_rank = head, False
+        if pending is not None:  # resuming: the head is the checkpoint's, never re-drawn
+            self.head_init_done = True
+        if self.head_init_std is not None and not self.head_init_done:
+            init_head_weight(linear, self.head_init_std)
+            rank_zero_info(f"DR-Tune: head weight drawn from N(0, {self.head_init_std}) (official head init)")
+        self.head_init_done = True
 
         if self.pretrained_features is None:
             if self.frozen is None:  # the first fit: the model is still the pretrained one
@@ -201,6 +240,17 @@ class DRTune(ContinualCallback):
             return torch.cat([stacked[r, :n] for r, n in enumerate(sizes)])
 
         return gather
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._remove_lr_scale()
+        if self.head_lr_scale != 1.0:
+            assert self._head is not None
+            self._lr_scale = HeadLrScale(trainer.optimizers, self._head.parameters(), self.head_lr_scale)
+
+    def _remove_lr_scale(self) -> None:
+        if self._lr_scale is not None:
+            self._lr_scale.remove()
+            self._lr_scale = None
 
     # ------------------------------------------------------------------ experiences and warm-up
     def on_experience_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, experience: int) -> None:
@@ -255,17 +305,31 @@ class DRTune(ContinualCallback):
             return
         self.tap.end_step()
         if self.log_stats and self.tap.last:
-            for key in ("dr_ce", "weight", "bank_rows"):
+            for key in ("dr_ce", "weight", "task_scale", "bank_rows"):
                 pl_module.log(f"drtune/{key}", self.tap.last[key], on_step=True, on_epoch=True, sync_dist=False)
             self.tap.last = {}
+        fit = self.regularizer.last_fit if self.regularizer is not None else None
+        if fit is not None:
+            if self.log_stats:
+                pl_module.log("drtune/rotation_rank", float(fit["rank"]), on_step=False, on_epoch=True,
+                              sync_dist=False)
+            if fit["rank"] < fit["dim"] - 1 and not self._reported_rank:
+                self._reported_rank = True
+                rank_zero_info(
+                    f"DR-Tune: the rotation was fitted on {fit['rows']} fresh rows in {fit['dim']} dimensions (rank "
+                    f"{fit['rank']}): it is applied on their span and is the identity outside it, so old-class rows "
+                    "keep their other components (docs/methods/drtune.md, 'Few rows')"
+                )
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.tap is not None:
             self.tap.remove()
+        self._remove_lr_scale()
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self.tap is not None:
             self.tap.remove()
+        self._remove_lr_scale()
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -274,7 +338,8 @@ class DRTune(ContinualCallback):
         frozen = None
         if self.frozen is not None and self.save_frozen_weights:
             frozen = self.frozen.model.state_dict()
-        return {"config": self._config, "regularizer": self.regularizer.state_dict(), "frozen": frozen}
+        return {"config": self._config, "regularizer": self.regularizer.state_dict(), "frozen": frozen,
+                "head_init_done": self.head_init_done}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Keeps the state until ``on_fit_start`` builds the bank and the frozen encoder (Lightning

@@ -3,9 +3,11 @@ Parameters?", ICML 2023).
 
 k-FPF trains on the current experience only (no replay at every step) and, ``k`` times evenly
 spaced over the whole stream's optimizer steps, fine-tunes only the forgetting-prone modules
-(head, normalization layers, first conv; see :mod:`cl_plugins.kfpf.selection`) for ``M``
-iterations on batches from a reservoir buffer. FPF is one such phase at the very end, on top of
-any method (e.g. after experience replay).
+(head, normalization layers, first conv; see :mod:`cl_plugins.kfpf.selection`; or, with
+``modules="auto"``, the modules whose measured sensitivity stands out, :mod:`cl_plugins.kfpf.auto`)
+for ``M`` iterations on batches from a reservoir buffer. FPF is one such phase at the very end, on
+top of any method (e.g. after experience replay). Method notes, defaults and deviations from the
+paper: ``docs/methods/kfpf.md``.
 
 Interaction with :class:`callbacks.replay.ExperienceReplay`: ER extends the batch in place in
 ``on_train_batch_start``. k-FPF keeps the batch it sees in its own ``on_train_batch_start`` and
@@ -47,6 +49,13 @@ from cl_plugins.buffer_contract import (
     find_buffer_provider,
 )
 from cl_plugins.buffers import ReservoirBuffer
+from cl_plugins.kfpf.auto import (
+    DEFAULT_BUDGET,
+    DEFAULT_THRESHOLD,
+    AutoChoice,
+    select_by_sensitivity,
+    selection_from_groups,
+)
 from cl_plugins.kfpf.phase import (
     ComputeLedger,
     PhaseResult,
@@ -60,13 +69,16 @@ from cl_plugins.kfpf.selection import ModuleSelection, select_modules
 from cl_plugins.kfpf.sensitivity import SensitivityTracker, parameter_groups
 from cl_plugins.rank_state import own_rank_state, with_rank_states
 
-#: FPF learning rate when none is given and the main optimizer's cannot be read (our choice)
+#: the phases' SGD learning rate, fixed, whatever the main optimizer's schedule (our choice, see
+#: docs/methods/kfpf.md: the main learning rate of every benchmark stream here, within mammoth's 0.03-0.1)
 DEFAULT_FPF_LR = 0.05
 #: capacity of k-FPF's own buffer when ``buffer_size`` is not given (the mammoth norm: 200, 500, 5120)
 DEFAULT_BUFFER_SIZE = 500
 
 #: where the phases' buffer comes from (see the module docstring)
 BufferSource = Literal["auto", "own", "replay"]
+#: how the fine-tuned modules are chosen
+ModuleChoice = Literal["fixed", "auto"]
 
 
 class KFPF(ContinualCallback, BufferProvider, ReplayForwardListener):
@@ -90,13 +102,23 @@ class KFPF(ContinualCallback, BufferProvider, ReplayForwardListener):
         variant: ``"ce"`` (k-FPF-CE: cross-entropy on buffer batches) or ``"kd"`` (k-FPF-KD: plus
             ``alpha * MSE`` to the logits stored at insertion, as in DER).
         alpha: weight of the logit-matching term for ``"kd"``.
-        lr: the phases' SGD learning rate; default: the main optimizer's current learning rate
-            (first parameter group), else ``DEFAULT_FPF_LR``.
+        lr: the phases' SGD learning rate (default ``DEFAULT_FPF_LR``), fixed: a decaying schedule of
+            the main optimizer, which has driven its learning rate to about 0 by the last phase (the
+            one that decides the final accuracy), does not reach the phases.
         momentum, weight_decay: of the phases' SGD (a fresh optimizer every phase).
         lr_schedule: ``"cosine"`` decays the phase's learning rate from ``lr`` to 0 over its
             ``M`` iterations (the phase ends in a low-noise iterate); ``"constant"`` keeps it.
         at_end: move the last phase to the very last optimizer step, so the final model is
             fine-tuned (else up to ``k - 1`` trailing steps follow it).
+        modules: ``"fixed"`` (default): the fixed list ``head``, ``norms``, ``first_conv`` plus
+            ``patterns`` (:func:`cl_plugins.kfpf.selection.select_modules`); ``"auto"``: at the first
+            phase, the modules whose sensitivity stands out (:mod:`cl_plugins.kfpf.auto`; needs
+            ``sensitivity="all"``), plus the head (``head=True``) and ``patterns``; ``norms`` and
+            ``first_conv`` are then unused. The choice is logged, kept in :attr:`auto_choice` and in
+            the checkpoint (a resumed run fine-tunes the same modules).
+        auto_threshold, auto_budget: the ``"auto"`` rule: modules whose change, relative to the
+            median module's, averages at least ``auto_threshold`` over the task-boundary epochs,
+            within ``auto_budget`` of the model's parameters.
         head, norms, first_conv, patterns, head_name: module selection
             (:func:`cl_plugins.kfpf.selection.select_modules`).
         freeze_norm_stats: keep running statistics fixed during phases (default: re-estimate them
@@ -113,16 +135,12 @@ class KFPF(ContinualCallback, BufferProvider, ReplayForwardListener):
             for ``"kd"`` (default: the LightningModule's own forward).
         seed: seeds the buffer (plus the global rank).
 
-    Defaults: the paper's k, M, learning rate and alpha could not be verified (no official code; see
-    ``../shared/METHODS-kfpf-drtune.md``). ``k=2``, ``M=175``, batch 32, momentum 0.9, cosine decay
-    and ``alpha=0.5`` are this library's choices, from a small sweep on Split-MNIST with one epoch per
-    experience (``examples/bench_kfpf.py``, FPF lr 0.1): fewer, longer phases beat many short ones
-    there, because the last phase decides the final accuracy and 50-60 iterations do not undo the
-    head's bias toward the newest classes. With many epochs per experience (the paper's regime)
-    FPF's cost is small beside training and a larger ``k`` costs little. Under DDP every rank keeps
-    its own buffer over its shard; gradients of the fine-tuned parameters are averaged across ranks
-    at every phase step and the re-estimated running statistics at the end of a phase. A checkpoint
-    holds every rank's state (:mod:`cl_plugins.rank_state`), so each rank resumes its own buffer.
+    Defaults: the paper's k, M, learning rate and alpha could not be verified (no official code);
+    ``k=2``, ``M=175``, batch 32, momentum 0.9, cosine decay, ``lr=0.05`` and ``alpha=0.5`` are this
+    library's choices (``docs/methods/kfpf.md``). Under DDP every rank keeps its own buffer over its
+    shard; gradients of the fine-tuned parameters are averaged across ranks at every phase step and
+    the re-estimated running statistics at the end of a phase. A checkpoint holds every rank's state
+    (:mod:`cl_plugins.rank_state`), so each rank resumes its own buffer.
 
     What the buffer holds: the inputs ``x`` exactly as the training batch delivers them, i.e.
     after the dataset's transforms. When the stream augments per sample in the dataset (e.g.
@@ -147,11 +165,14 @@ class KFPF(ContinualCallback, BufferProvider, ReplayForwardListener):
         batch_size: int = 32,
         variant: Literal["ce", "kd"] = "ce",
         alpha: float = 0.5,
-        lr: float | None = None,
+        lr: float = DEFAULT_FPF_LR,
         momentum: float = 0.9,
         weight_decay: float = 0.0,
         lr_schedule: Literal["constant", "cosine"] = "cosine",
         at_end: bool = True,
+        modules: ModuleChoice = "fixed",
+        auto_threshold: float = DEFAULT_THRESHOLD,
+        auto_budget: float = DEFAULT_BUDGET,
         head: bool = True,
         norms: bool = True,
         first_conv: bool = True,
@@ -182,9 +203,17 @@ class KFPF(ContinualCallback, BufferProvider, ReplayForwardListener):
             raise ValueError(f"sensitivity must be 'all', 'selected' or 'off', got {sensitivity!r}")
         if lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {lr_schedule!r}")
-        if lr is not None and not lr > 0:
-            raise ValueError(f"lr (the FPF phases' learning rate) must be > 0, or None for the main optimizer's; "
-                             f"got {lr}")
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
+            raise ValueError(f"lr (the FPF phases' own learning rate) must be a number > 0 (default "
+                             f"{DEFAULT_FPF_LR}), got {lr!r}")
+        if modules not in ("fixed", "auto"):
+            raise ValueError(f"modules must be 'fixed' or 'auto', got {modules!r}")
+        if modules == "auto" and sensitivity != "all":
+            raise ValueError(f"modules='auto' chooses from the sensitivity of every module: use sensitivity='all' "
+                             f"(got {sensitivity!r}), or modules='fixed'")
+        if not auto_threshold > 0 or not 0 < auto_budget <= 1:
+            raise ValueError(f"auto_threshold must be > 0 and auto_budget in (0, 1], got {auto_threshold} and "
+                             f"{auto_budget}")
         if total_steps is not None and total_steps < k:
             raise ValueError(f"total_steps={total_steps} leaves no room for k={k} phases")
         self.k, self.iterations, self.batch_size = k, iterations, batch_size
@@ -192,11 +221,15 @@ class KFPF(ContinualCallback, BufferProvider, ReplayForwardListener):
         self._buffer_size_given = buffer_size is not None
         self.buffer_from: BufferSource = buffer_from
         self.variant, self.alpha = variant, float(alpha)
-        self.lr, self.momentum, self.weight_decay = lr, momentum, weight_decay
+        self.lr, self.momentum, self.weight_decay = float(lr), momentum, weight_decay
         self.lr_schedule = lr_schedule
         self.at_end = at_end
         self.selection_kwargs = dict(head=head, norms=norms, first_conv=first_conv, patterns=tuple(patterns),
                                      head_name=head_name)
+        self.modules: ModuleChoice = modules
+        self.auto_threshold, self.auto_budget = float(auto_threshold), float(auto_budget)
+        #: what ``modules="auto"`` chose and why (``None`` until the first phase, or with ``"fixed"``)
+        self.auto_choice: AutoChoice | None = None
         self.freeze_norm_stats = freeze_norm_stats
         self.sensitivity_scope = sensitivity
         self.transform = transform
@@ -364,16 +397,23 @@ class KFPF(ContinualCallback, BufferProvider, ReplayForwardListener):
         self._check_callback_order(trainer)
         self._resolve_buffer(trainer)
         self._warn_double_augmentation(trainer)
-        self.selection = select_modules(pl_module, **self.selection_kwargs)
+        if self.modules == "fixed":
+            self.selection = select_modules(pl_module, **self.selection_kwargs)
+        else:  # chosen at the first phase from the scores (or restored from the checkpoint then)
+            self.selection = None
         if self.sensitivity_scope == "all":
             self.sensitivity.groups = parameter_groups(pl_module)
         elif self.sensitivity_scope == "selected":
+            assert self.selection is not None
             self.sensitivity.groups = parameter_groups(pl_module, self.selection.params.values())
         if self.variant == "kd":
             self._register_logits_hook(pl_module)
         where = (f"{type(self.replay).__name__}'s buffer (shared)" if self.shares_buffer
                  else f"its own buffer of {self.buffer_size}")
-        rank_zero_info(f"k-FPF fine-tunes {self.selection.describe()} on {where}")
+        what = self.selection.describe() if self.selection is not None else (
+            f"the modules whose sensitivity stands out (modules='auto', chosen at the first phase; threshold "
+            f"{self.auto_threshold:g}x, budget {100 * self.auto_budget:g}%)")
+        rank_zero_info(f"k-FPF fine-tunes {what} on {where}")
 
     def _register_logits_hook(self, pl_module: pl.LightningModule) -> None:
         if self._hook is not None:
@@ -555,19 +595,10 @@ class KFPF(ContinualCallback, BufferProvider, ReplayForwardListener):
         return done
 
     # ------------------------------------------------------------------ one phase
-    def _main_lr(self, trainer: pl.Trainer) -> float:
-        if self.lr is not None:
-            return self.lr
-        optimizers = getattr(trainer, "optimizers", None) or []
-        if optimizers and optimizers[0].param_groups:
-            return float(optimizers[0].param_groups[0]["lr"])
-        return DEFAULT_FPF_LR
-
     def run_phase(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> PhaseResult:
         """One FPF phase on the buffer: ``iterations`` steps of a fresh SGD over the selected modules
         only, under the trainer's precision; the main optimizer and scheduler are not touched."""
-        if self.selection is None:
-            raise RuntimeError(f"{type(self).__name__} has no module selection: it was not set up by a Trainer")
+        selection = self._ensure_selection(trainer, pl_module)
         buffer = self.buffer
         if len(buffer) == 0:
             whose = f"{type(self.replay).__name__}'s shared buffer is" if self.shares_buffer else "its buffer is"
@@ -576,7 +607,7 @@ class KFPF(ContinualCallback, BufferProvider, ReplayForwardListener):
                 "the phase). Phases run after training steps; call run_phase only once training has started"
             )
         device = pl_module.device
-        lr = self._main_lr(trainer)
+        lr = self.lr
 
         def sample() -> dict[str, Tensor]:
             b = self._draw(buffer, device)
@@ -595,7 +626,7 @@ class KFPF(ContinualCallback, BufferProvider, ReplayForwardListener):
         before = self.sensitivity.current() if watching else None
         with torch.enable_grad():
             result = run_fpf_phase(
-                pl_module, self.selection, sample, pl_module, self.iterations, lr,
+                pl_module, selection, sample, pl_module, self.iterations, lr,
                 momentum=self.momentum, weight_decay=self.weight_decay,
                 alpha=self.alpha if self.variant == "kd" else 0.0, mask=mask,
                 freeze_norm_stats=self.freeze_norm_stats, autocast=trainer.precision_plugin.forward_context,
@@ -610,6 +641,30 @@ class KFPF(ContinualCallback, BufferProvider, ReplayForwardListener):
         self.phase_log.append({"step": self.steps, "iterations": result.iterations, "lr": lr,
                                "first_loss": result.first_loss, "last_loss": result.last_loss})
         return result
+
+    def _ensure_selection(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> ModuleSelection:
+        """The modules to fine-tune: the fixed list, or the ``"auto"`` choice (restored from the
+        checkpoint, else made now from the sensitivity scores so far, the same on every rank)."""
+        if self.selection is not None:
+            return self.selection
+        if self.modules != "auto":
+            raise RuntimeError(f"{type(self).__name__} has no module selection: it was not set up by a Trainer")
+        kwargs = {k: self.selection_kwargs[k] for k in ("head", "head_name", "patterns")}
+        if self.auto_choice is None:
+            _, choice = select_by_sensitivity(
+                pl_module, self.sensitivity.history, self.sensitivity.peek(), self.auto_threshold,
+                self.auto_budget, **kwargs)
+            if trainer.world_size > 1:  # running statistics differ across ranks: rank 0's choice for all
+                choice = AutoChoice.from_dict(trainer.strategy.broadcast(choice.to_dict(), src=0))
+            self.auto_choice = choice
+            if not choice.groups:
+                rank_zero_warn(f"k-FPF modules='auto': no module reached {self.auto_threshold:g}x the median "
+                               f"module's change (flat scores, e.g. under Adam); fine-tuning the head and patterns "
+                               f"only. {choice.describe()}")
+        self.selection = selection_from_groups(pl_module, self.auto_choice.groups, self.auto_choice.scores,
+                                               **kwargs)
+        rank_zero_info(f"k-FPF modules='auto' fine-tunes {self.selection.describe()}: {self.auto_choice.describe()}")
+        return self.selection
 
     def _draw(self, buffer: ReservoirBuffer, device: torch.device) -> dict[str, Tensor]:
         """A phase batch: from k-FPF's own buffer with its generator; from a shared buffer, uniformly
@@ -641,6 +696,7 @@ class KFPF(ContinualCallback, BufferProvider, ReplayForwardListener):
             "phase_log": [dict(e) for e in self.phase_log],
             "ledger": self.ledger.state_dict(),
             "sensitivity": self.sensitivity.state_dict(),
+            "auto_choice": self.auto_choice.to_dict() if self.auto_choice is not None else None,
         })
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -675,6 +731,13 @@ class KFPF(ContinualCallback, BufferProvider, ReplayForwardListener):
         self.phase_log = [dict(e) for e in state_dict["phase_log"]]
         self.ledger.load_state_dict(state_dict["ledger"])
         self.sensitivity.load_state_dict(state_dict["sensitivity"])
+        auto = state_dict.get("auto_choice")
+        if auto is not None and self.modules != "auto":
+            raise ValueError(f"the checkpoint's {type(self).__name__} chose its modules automatically "
+                             "(modules='auto'): resume with modules='auto' to fine-tune the same ones")
+        self.auto_choice = AutoChoice.from_dict(auto) if auto is not None else None
+        if self.modules == "auto":
+            self.selection = None  # rebuilt from the restored choice at the next phase
 
 
 class FPF(KFPF):

@@ -10,8 +10,8 @@ The callback
   batch to the layers in ``on_train_batch_start``; the layers attach ``beta * CV(I o Q)^2`` of each
   layer to their output with the aux-loss op, so the user's ``training_step`` is unchanged and the
   gradient follows Lightning's loss scaling, accumulation, AMP and DDP;
-- logs ``loramoe/balance_loss`` (summed over layers), ``loramoe/group{g}_weight``,
-  ``loramoe/type{s}_group{g}_weight`` and ``loramoe/expert{n}_load``.
+- logs ``loramoe/balance_loss`` (summed over layers), ``loramoe/group{g}_weight`` and
+  ``loramoe/expert{n}_load`` every step, ``loramoe/type{s}_group{g}_weight`` every epoch.
 
 Sample types in a stream (``sample_type``):
 
@@ -27,6 +27,9 @@ Sample types in a stream (``sample_type``):
 Forwards on buffer samples inside a step (DER/DER++'s replay forwards, announced through
 :func:`cl_plugins.buffer_contract.replay_forward`) are typed the same way, from the buffer samples'
 own labels.
+
+The types are checked on the device, without a host sync in the step; a bad one fails the fit at the
+end of its epoch.
 
 With k-FPF (:class:`callbacks.kfpf.KFPF`): k-FPF's buffer phases fine-tune the modules it selects
 with their own optimizer. Its defaults select the normalization layers and the first convolution /
@@ -235,7 +238,7 @@ class LoRAMoE(InjectionCallback, ReplayForwardListener):
             self._task_lookup = lut
 
     def resolve_types(self, batch: Any) -> Tensor:
-        """Type (0 or 1) of every sample of ``batch`` under ``sample_type``."""
+        """Type (0 or 1) of every sample of ``batch`` under ``sample_type`` (-1: a label no experience has)."""
         if callable(self.sample_type) and not isinstance(self.sample_type, Mapping):
             out = self.sample_type(batch)
             if not isinstance(out, Tensor):
@@ -251,7 +254,9 @@ class LoRAMoE(InjectionCallback, ReplayForwardListener):
             lut = self._task_lookup
             if lut is None:
                 raise RuntimeError("LoRAMoE builds its task-label mapping in on_train_start, which did not run")
-            return _lookup(lut, t, "task label")
+            if lut.device != t.device:
+                lut = self._task_lookup = lut.to(t.device)  # once, not a copy from the host every step
+            return _lookup(lut, t)
         kind, lut = self._lookup
         if self.sample_type == "current" or lut is None:
             if self._trainer is None:
@@ -259,8 +264,12 @@ class LoRAMoE(InjectionCallback, ReplayForwardListener):
             exp = self.stream(self._trainer).current_experience
             return torch.full((y.shape[0],), int(exp >= self.knowledge_experiences), dtype=torch.long,
                               device=y.device)
-        exp = _lookup(lut, t if kind == "task" else y, "task label" if kind == "task" else "class")
-        return (exp >= self.knowledge_experiences).long()
+        keys = t if kind == "task" else y
+        if lut.device != keys.device:
+            lut = lut.to(keys.device)  # once, not a copy from the host every step
+            self._lookup = (kind, lut)
+        exp = _lookup(lut, keys)
+        return torch.where(exp < 0, exp, (exp >= self.knowledge_experiences).long())  # -1 stays: reported
 
     # ------------------------------------------------------------------ steps
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
@@ -299,6 +308,15 @@ class LoRAMoE(InjectionCallback, ReplayForwardListener):
             for key, value in stats.items():
                 pl_module.log(f"loramoe/{key}", value, on_step=True, on_epoch=True, batch_size=size)
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # the checks and statistics that need the host, once per epoch rather than every step
+        self.context.check_types()
+        type_stats = self.context.pop_type_stats()
+        if self.log_stats:
+            for key, value in type_stats.items():
+                pl_module.log(f"loramoe/{key}", value, on_step=False, on_epoch=True)
+        super().on_train_epoch_end(trainer, pl_module)
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.context.end_forward()
@@ -349,13 +367,10 @@ def _experience_lookup(dm: ContinualDataModule) -> tuple[str, Tensor | None]:
     return "current", None
 
 
-def _lookup(lut: Tensor, keys: Tensor, what: str) -> Tensor:
-    """``lut[keys]`` with a clear error for keys the stream does not know."""
+def _lookup(lut: Tensor, keys: Tensor) -> Tensor:
+    """``lut[keys]``, -1 for keys outside the table, on the keys' device without a host sync: the
+    context's end-of-epoch type check reports the -1 entries (classes or task labels no experience has)."""
     keys = keys.long()
     lut = lut.to(keys.device)
-    if keys.numel() and (int(keys.min()) < 0 or int(keys.max()) >= lut.numel()):
-        raise ValueError(f"LoRAMoE got a {what} outside the stream's range [0, {lut.numel()}): {keys.tolist()}")
-    out = lut[keys]
-    if keys.numel() and int(out.min()) < 0:
-        raise ValueError(f"LoRAMoE got {what}s {sorted(set(keys[out < 0].tolist()))} that no experience has")
-    return out
+    inside = (keys >= 0) & (keys < lut.numel())
+    return torch.where(inside, lut[keys.clamp(0, lut.numel() - 1)], -1)

@@ -21,7 +21,7 @@ from torch.utils.hooks import RemovableHandle
 
 from callbacks.lora import LoRAGroupCallback
 from cl_plugins.peft.lora import LoRAGroupLinear
-from cl_plugins.peft.pego import DEFAULT_NUM_LORAS, DEFAULT_RANK, DEFAULT_WEIGHT, pego_losses
+from cl_plugins.peft.pego import DEFAULT_NUM_LORAS, DEFAULT_RANK, DEFAULT_WEIGHT, PEGORegularizer
 from cl_plugins.peft.presets import FamilyPreset
 
 
@@ -76,6 +76,7 @@ class PEGO(LoRAGroupCallback):
         self.preserve_weight = float(preserve_weight)
         self._hook: RemovableHandle | None = None
         self._layers: list[LoRAGroupLinear] = []
+        self._terms: PEGORegularizer | None = None
         self._pending = False
         self._warned = False
 
@@ -85,8 +86,11 @@ class PEGO(LoRAGroupCallback):
 
         A term whose weight is 0 (or the diversify term of single-module groups) is left out.
         """
-        layers = self._layers if layers is None else list(layers)
-        div, pre = pego_losses(layers, diversify=self.ortho_weight > 0, preserve=self.preserve_weight > 0)
+        if layers is not None or self._terms is None:
+            terms = PEGORegularizer(self._layers if layers is None else layers)  # raises when there are none
+        else:
+            terms = self._terms
+        div, pre = terms(diversify=self.ortho_weight > 0, preserve=self.preserve_weight > 0)
         out = {}
         if div is not None:
             out["pego/diversify_loss"] = self.ortho_weight * div
@@ -108,6 +112,7 @@ class PEGO(LoRAGroupCallback):
         super().setup(trainer, pl_module, stage)
         self._remove_hook()
         self._layers = list(self.layers(pl_module).values())
+        self._terms = PEGORegularizer(self._layers)
         self._hook = self._layers[0].register_forward_hook(self._attach)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

@@ -8,15 +8,14 @@ task-incremental. Every method trains the whole network with the same SGD (lr 1e
 at 1e-2, and at 3e-3 without gradient clipping, fine-tuning this backbone on 16-image batches
 diverged), with the BatchNorm statistics kept at their ImageNet values (``--freeze-bn-stats``:
 batches of 16 images from 2 classes re-estimate them badly, and evaluation then fails); DR-Tune
-adds its distribution regularization, one row per ``lambda`` of ``--dr-weights`` (default 1;
-``K/B`` gives the official code's implicit weight, with ``K`` the filled bank rows that enter the
-DR term: the class-balanced bank fills as classes arrive, 80/16 = 5 once the first experience's 2
-classes fill their 40 rows each, up to 400/16 = 25 once all 10 classes are in (the official code
-pairs it with learning rates divided by ``(B + K) / B``; at an unchanged learning rate, with ``K``
-then counted as the capacity 400, it drowned the task loss in a trial run: every task stayed at
-chance), with a class-balanced bank and the official
-rotation interval. Task-incremental by default: in class-IL with no replay every method here
-ends at about one task's accuracy (the head keeps only the newest classes).
+adds its distribution regularization with a class-balanced bank and the official rotation interval,
+one row per weighting of ``--dr-weights``: ``official`` (the default: the official loss, one cross
+entropy over the ``B + K`` rows, at the same learning rate), ``K/B`` (the official relative weights
+at the scale of the task loss, ``(B + K) / B`` times the official step: with ``K`` up to 400
+filled rows and ``B = 16`` that is up to 26x, and the task loss drowned in a trial run) or a number
+``lambda`` (``L_CE + lambda * L_DR``). ``--head-init-std`` and ``--head-lr-scale`` add the official
+head recipe (0.01 and 33). Task-incremental by default: in class-IL with no replay every method
+here ends at about one task's accuracy (the head keeps only the newest classes).
 
 Dropout and DR-Tune's features: this backbone applies dropout (p = 0.2) to the pooled features
 before its head (``EfficientNetLite.forward``), and DR-Tune reads the downstream features ``f_d``
@@ -35,6 +34,7 @@ vanilla fine-tuning. Mean ± std over ``--seeds``; ``--markdown PATH`` writes th
 
     python examples/bench_drtune.py --seeds 0 1                    # task-IL
     python examples/bench_drtune.py --seeds 0 1 --scenario class   # class-IL
+    python examples/bench_drtune.py --dr-weights official K/B 1 --head-init-std 0.01 --head-lr-scale 33
 """
 
 from __future__ import annotations
@@ -58,10 +58,14 @@ from examples.benchutils import markdown_table, run_stream, summarize, write_mar
 def methods(args: argparse.Namespace) -> dict[str, Callable[[], list[pl.Callback]]]:
     """Callback factories of the compared methods."""
     out: dict[str, Callable[[], list[pl.Callback]]] = {"vanilla fine-tuning": lambda: []}
+    head = dict(head_init_std=args.head_init_std, head_lr_scale=args.head_lr_scale)
+    recipe = "" if head == {"head_init_std": None, "head_lr_scale": 1.0} else (
+        f", head init {args.head_init_std}, head lr x{args.head_lr_scale:g}")
     for w in args.dr_weights:
-        weight = None if w == "K/B" else float(w)
-        label = f"K/B, K filled rows <= {args.bank_size}, B {args.batch_size}" if weight is None else f"{weight:g}"
-        out[f"DR-Tune (lambda {label})"] = lambda weight=weight: [DRTune(dr_weight=weight, bank_size=args.bank_size)]
+        weight: str | float = w if w in ("official", "K/B") else float(w)
+        label = weight if isinstance(weight, str) else f"lambda {weight:g}"
+        out[f"DR-Tune ({label}{recipe})"] = lambda weight=weight: [
+            DRTune(dr_weight=weight, bank_size=args.bank_size, **head)]
     return out
 
 
@@ -75,9 +79,11 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=15, help="epochs per experience")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=0.001)
-    parser.add_argument("--dr-weights", nargs="+", default=["1"],
-                        help="DR-Tune's lambda, one row each; K/B: the official code's implicit weight "
-                             "(K: the filled bank rows of the step)")
+    parser.add_argument("--dr-weights", nargs="+", default=["official"],
+                        help="DR-Tune's weighting, one row each: official (default: the official loss at this lr), "
+                             "K/B (the official relative weights at the task loss's scale) or a number lambda")
+    parser.add_argument("--head-init-std", type=float, default=None, help="official head init: 0.01")
+    parser.add_argument("--head-lr-scale", type=float, default=1.0, help="official head lr multiplier: 33")
     parser.add_argument("--bank-size", type=int, default=400, help="DR-Tune's K (class-balanced: K/10 per class)")
     parser.add_argument("--freeze-bn-stats", action=argparse.BooleanOptionalAction, default=True,
                         help="keep BatchNorm statistics at their ImageNet values (batches of 16 from 2 classes)")
@@ -105,7 +111,7 @@ def main() -> None:
             out = str(Path(args.output_dir) / f"{slug}_seed{seed}") if args.output_dir else None
             res = run_stream(model, dm, make(), output_dir=out)
             results.setdefault(name, []).append(res)
-            print(f"{name:22s} seed {seed}: avg acc {res['avg_acc']:.4f}  forgetting {res['avg_forgetting']:.4f}  "
+            print(f"{name:30s} seed {seed}: avg acc {res['avg_acc']:.4f}  forgetting {res['avg_forgetting']:.4f}  "
                   f"wall {res['wall_s']:.1f}s", flush=True)
 
     header, rows = summarize(results, reference="vanilla fine-tuning")
@@ -114,7 +120,8 @@ def main() -> None:
                 f"{args.train_per_class} train / {args.test_per_class} test images per class, "
                 f"{args.image_size}px, {args.epochs} epochs per experience, batch {args.batch_size}, "
                 f"SGD lr {args.lr} momentum 0.9 wd 1e-4; DR-Tune K {args.bank_size} "
-                f"(class-balanced), rotation every 10 steps (cached); seeds {args.seeds}. Note: DR-Tune's "
+                f"(class-balanced), rotation every 10 steps (cached; restricted to the span of the fresh rows "
+                f"when they are fewer than the 1280 feature dimensions); seeds {args.seeds}. Note: DR-Tune's "
                 "downstream features are the head's input, which comes after the backbone's dropout (p 0.2), so "
                 "training-step features (bank rows, class centres, rotation fits, scale) are dropout-noised; the "
                 "pretrained and warm-up features (eval mode) are not")

@@ -54,12 +54,14 @@ class SampleCounter(pl.Callback):
 
 def methods(args: argparse.Namespace) -> dict[str, Callable[[], list[pl.Callback]]]:
     """Callback factories of every method (k-FPF before ER, see ``callbacks/kfpf.py``)."""
-    kfpf = dict(k=args.k, iterations=args.iterations, buffer_size=BUFFER, lr=args.lr or None, momentum=args.momentum)
+    kfpf = dict(k=args.k, iterations=args.iterations, buffer_size=BUFFER, lr=args.lr, momentum=args.momentum,
+                modules=args.modules)
     return {
         "naive": lambda: [],
         "replay": lambda: [ExperienceReplay(buffer_size=BUFFER)],
         "FPF after replay": lambda: [  # FPF reads ER's buffer: one buffer of BUFFER samples in all
-            FPF(iterations=args.fpf_iterations, buffer_from="replay", lr=args.lr or None, momentum=args.momentum),
+            FPF(iterations=args.fpf_iterations, buffer_from="replay", lr=args.lr, momentum=args.momentum,
+                modules=args.modules),
             ExperienceReplay(buffer_size=BUFFER),
         ],
         "k-FPF-CE": lambda: [KFPF(variant="ce", **kfpf)],
@@ -74,7 +76,10 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=2, help="k-FPF phases over the stream")
     parser.add_argument("--iterations", type=int, default=175, help="M: iterations per k-FPF phase")
     parser.add_argument("--fpf-iterations", type=int, default=200, help="iterations of the single FPF phase")
-    parser.add_argument("--lr", type=float, default=0.1, help="FPF learning rate (0: the main lr)")
+    parser.add_argument("--lr", type=float, default=0.1,
+                        help="the phases' learning rate (the callbacks' own default is 0.05; 0.1 came from the sweep)")
+    parser.add_argument("--modules", choices=("fixed", "auto"), default="fixed",
+                        help="fine-tuned modules: the fixed list (head, norms, first conv) or chosen by sensitivity")
     parser.add_argument("--momentum", type=float, default=0.9, help="FPF SGD momentum")
     parser.add_argument("--alpha", type=float, default=0.5, help="k-FPF-KD logit-matching weight")
     parser.add_argument("--methods", nargs="+", default=None, help="subset of the methods to run")
@@ -132,7 +137,8 @@ def main() -> None:
         ])
     table = markdown_table(header, rows)
     settings = (f"k={args.k}, M={args.iterations}, FPF iterations={args.fpf_iterations}, "
-                f"lr={args.lr or 'main (0.05)'}, momentum={args.momentum}, alpha={args.alpha}, buffer {BUFFER}; "
+                f"phase lr={args.lr}, momentum={args.momentum}, alpha={args.alpha}, modules={args.modules}, "
+                f"buffer {BUFFER}; "
                 f"FPF after replay fine-tunes on replay's buffer (shared: the same {BUFFER} samples, no buffer "
                 "of its own)")
     print(table)

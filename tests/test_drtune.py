@@ -65,7 +65,7 @@ def test_stream_keeps_a_frozen_pretrained_encoder_and_every_class_in_the_bank():
 
 
 def test_fifo_bank_holds_only_recent_classes_and_official_weight_is_k_over_b():
-    dr = DRTune(bank_mode="fifo", bank_size=64)
+    dr = DRTune(dr_weight="K/B", bank_mode="fifo", bank_size=64)
     trainer, _ = _fit([dr], limit_train_batches=4)
     bank = dr.regularizer.bank
     assert len(bank) == 64 and set(bank.labels.tolist()) == {8, 9}

@@ -250,7 +250,7 @@ def test_frozen_encoder_is_an_eval_copy_without_the_originals_hooks():
 
 
 # ---------------------------------------------------------------------------- the DR term through hooks
-def _tap(weight: float | None = 0.7) -> tuple[Net, DRTuneTap]:
+def _tap(weight: float | str = 0.7) -> tuple[Net, DRTuneTap]:
     torch.manual_seed(0)
     net = Net()
     frozen = FrozenEncoder(net, "head")
@@ -290,7 +290,7 @@ def test_dr_term_reaches_only_the_head():
             assert not torch.allclose(with_dr[name], plain[name]), name
 
 
-@pytest.mark.parametrize("weight", [0.7, None])
+@pytest.mark.parametrize("weight", [0.7, "K/B"])
 def test_attached_term_equals_loss_plus_weighted_dr(weight):
     net, tap = _tap(weight)
     reg_before = copy.deepcopy(tap.regularizer)
@@ -305,7 +305,7 @@ def test_attached_term_equals_loss_plus_weighted_dr(weight):
 
     feats = net_direct.body(x)
     z, labels = reg_before.calibrate(mean_norm(feats.detach()), net_direct.head.weight)
-    lam = weight if weight is not None else 16 / 8  # official K / B, K = the 16 filled rows (capacity 20)
+    lam = weight if weight != "K/B" else 16 / 8  # K / B, K = the 16 filled rows (capacity 20)
     names, params = zip(*net_direct.named_parameters())
     ce = torch.autograd.grad(F.cross_entropy(net_direct.head(feats), y), params)
     dr = torch.autograd.grad(lam * dr_loss(net_direct.head, z, labels), params, allow_unused=True)
@@ -318,11 +318,11 @@ def test_attached_term_equals_loss_plus_weighted_dr(weight):
     assert int(tap.regularizer.step) == 1 and len(tap.regularizer.bank) == 18
 
 
-def test_default_weight_counts_filled_rows_and_equals_the_official_mean_over_b_plus_k():
-    """A partly filled bank (16 of 20 rows): the default weight is n / B with n = 16 filled rows,
+def test_kb_weight_counts_filled_rows_and_equals_the_official_mean_over_b_plus_k():
+    """A partly filled bank (16 of 20 rows): the "K/B" weight is n / B with n = 16 filled rows,
     not the capacity 20, so that ``B / (B + n) * (L_CE + weight * L_DR)`` is the official cross
     entropy averaged over the ``B + n`` concatenated rows."""
-    net, tap = _tap(None)
+    net, tap = _tap("K/B")
     reg = tap.regularizer
     assert reg.bank.size == 20 and len(reg.bank) == 16
     reg_before = copy.deepcopy(reg)

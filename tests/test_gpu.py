@@ -22,10 +22,12 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
+import torch.nn.functional as F
 
 from callbacks import KFPF, L2M, PEGO, DRTune, ExperienceReplay, LoRAMoE
 from callbacks.metrics import ContinualMetrics
 from cl_plugins import ContinualClassifier
+from cl_plugins.aux_loss import AuxLossTracker
 from datamodules import SplitDigits
 from tests._subprocess import run_script
 from tests.conftest import quiet_trainer_kwargs
@@ -327,3 +329,102 @@ def test_cuda_fsdp_one_device(method, tmp_path):
     # in a fresh interpreter: FSDP initializes a process group (NCCL) that would otherwise outlive the test
     res = run_script(FSDP_SCRIPT, tmp_path, timeout=600, args=[method, "gpu", "bf16-mixed", "fsdp"])
     assert res["changed"] > 0
+
+
+# ---------------------------------------------------------------------------------------------- host syncs
+class _SyncFreeClassifier(ContinualClassifier):
+    """The classifier with a training step that does not check the loss on the host: the mixin's finite-loss
+    check reads the loss every step, which is not what the test below measures."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y, t = batch
+        loss = F.cross_entropy(self.masked_logits(self(x), t, evaluation=False).float(), y)
+        self.log("train/loss", loss)
+        return loss
+
+
+def _set_sync_debug(mode: str | int, accelerator: str) -> int:
+    """Sets ``torch.cuda.set_sync_debug_mode`` on CUDA (a no-op elsewhere); returns the previous mode."""
+    if accelerator != "gpu":
+        return 0
+    before = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode(mode)
+    return before
+
+
+class SyncErrorSteps(pl.Callback):
+    """First in ``callbacks=[...]`` (its :attr:`end` last): the training steps of each epoch but its first (where
+    lookups and constants move to the device once) and its last (where logged values are read) run, from
+    ``on_train_batch_start`` to ``on_train_batch_end``, under ``torch.cuda.set_sync_debug_mode("error")``, so
+    that a host sync (``.item()``, ``bool(t)``, a copy to or from the host, ``nonzero``...) raises."""
+
+    def __init__(self, accelerator: str) -> None:
+        self.accelerator = accelerator
+        self.checked = 0
+        self._active = False
+        self.end = _SyncErrorStepsEnd(self)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        if 0 < batch_idx < trainer.num_training_batches - 1:
+            _set_sync_debug("error", self.accelerator)
+            self._active = True
+
+    def stop(self) -> None:
+        if self._active:
+            _set_sync_debug("default", self.accelerator)
+            self._active = False
+            self.checked += 1
+
+
+class _SyncErrorStepsEnd(pl.Callback):
+    def __init__(self, window: SyncErrorSteps) -> None:
+        self.window = window
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        self.window.stop()
+
+
+def check_no_sync_steps(method: str, accelerator: str, monkeypatch: pytest.MonkeyPatch) -> SyncErrorSteps:
+    """Bf16-mixed training steps of PEGO or LoRAMoE, after the first of each epoch, under the sync-debug "error"
+    mode on CUDA: the methods' forward, balancing / orthogonality terms, backward, optimizer step and
+    per-step statistics must not wait for the device."""
+    pop_means = AuxLossTracker.pop_means
+
+    def pop_means_with_check(self: AuxLossTracker, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+        # the shared aux-loss logging may check on the host that the terms are finite (outside this test)
+        before = _set_sync_debug("default", accelerator)
+        try:
+            return pop_means(self, *args, **kwargs)
+        finally:
+            _set_sync_debug(before, accelerator)
+
+    monkeypatch.setattr(AuxLossTracker, "pop_means", pop_means_with_check)
+    pl.seed_everything(0, verbose=False)
+    model = _SyncFreeClassifier("timm:vit_tiny_patch16_224", num_classes=10, in_channels=1, input_shape=(1, 8, 8),
+                                backbone_kwargs=VIT_KW, optimizer="adam", lr=1e-3)
+    callback = PEGO(num_loras=2) if method == "pego" else LoRAMoE(num_experts=4)
+    window = SyncErrorSteps(accelerator)
+    trainer = pl.Trainer(**quiet_trainer_kwargs(
+        accelerator=accelerator, precision="bf16-mixed", deterministic="warn", limit_train_batches=6,
+        limit_val_batches=0, log_every_n_steps=1000, callbacks=[window, callback, window.end]))
+    try:
+        trainer.fit(model, datamodule=SplitDigits(n_experiences=2, epochs_per_experience=1, batch_size=32))
+    finally:
+        _set_sync_debug("default", accelerator)
+    assert window.checked == 2 * (6 - 2)  # both experiences' steps but the first and last of each
+    return window
+
+
+@pytest.mark.parametrize("method", ["pego", "loramoe"])
+def test_cpu_no_sync_steps_body_runs(method, monkeypatch):
+    # the body of the CUDA test below, without the sync-debug mode (CPU): it runs and checks its steps
+    check_no_sync_steps(method, "cpu", monkeypatch)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("method", ["pego", "loramoe"])
+def test_cuda_adapter_steps_make_no_host_sync(method, monkeypatch):
+    check_no_sync_steps(method, "gpu", monkeypatch)

@@ -13,7 +13,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from callbacks import ExperienceReplay
-from callbacks.kfpf import FPF, KFPF
+from callbacks.kfpf import DEFAULT_FPF_LR, FPF, KFPF
 from cl_plugins import ContinualClassifier
 from datamodules import SplitDigits
 from tests._subprocess import run_script
@@ -140,7 +140,7 @@ def test_phase_leaves_main_optimizer_scheduler_flags_and_modes_untouched_bf16():
         assert _equal(rec["grads"], b["grads"]), "phase gradients leaked into the main ones"
         assert rec["changed"] and rec["changed"] <= selected, rec["changed"] - selected
         assert {"net.bn1.running_mean", "net.head.weight", "net.conv1.weight"} <= rec["changed"]
-        assert log["lr"] == b["lr"] < 0.05  # the main learning rate at that time, decayed by StepLR
+        assert log["lr"] == DEFAULT_FPF_LR and b["lr"] < 0.05  # the phases' own lr, not the decayed main one
     assert cb.autocast_dtypes == {torch.bfloat16}  # phases run under the trainer's autocast
     assert all(p.dtype == torch.float32 for p in cb.selection.params.values())
 

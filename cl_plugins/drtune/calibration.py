@@ -6,6 +6,8 @@ head classifies them:
 1. both banks are l2-normalized row-wise;
 2. global shape alignment: the orthogonal Procrustes (Kabsch) rotation ``R`` fitted on paired,
    centred rows, with the reflection fix (``det R = +1``), applied as ``P <- P R^T + (mu_Q - mu_P R^T)``;
+   with fewer rows than dimensions ``R`` is restricted to the fitted span (identity outside it,
+   :func:`span_rotation`) instead of the official arbitrary completion;
 3. class-centre alignment: the rows of class ``c`` are shifted by ``mu_d,c - mu_p,c``, where
    ``mu_p,c`` is the plain mean of the (rotated) pretrained rows of class ``c`` and ``mu_d,c`` the
    confidence-weighted mean of the downstream rows of class ``c``, with weights
@@ -41,24 +43,30 @@ def float32_math(device: torch.device) -> Iterator[None]:
 
 
 def procrustes_rotation(p: Tensor, q: Tensor) -> Tensor:
-    """The rotation ``R`` (``D x D``, orthogonal, ``det R = +1``) minimizing ``||(p - mu_p) R^T - (q - mu_q)||_F``.
+    """The rotation of :func:`procrustes_fit`."""
+    return procrustes_fit(p, q)[0]
 
-    ``p`` and ``q`` are paired rows ``(n, D)``. With ``S = P_c^T Q_c = U Sigma V^T`` the minimizer is
-    ``R = V U^T``; when ``det(V U^T) < 0`` (a reflection) the sign of the last column of ``V``
-    (smallest singular value) is flipped. Computed in float32.
 
-    **Few rows.** ``S`` has rank at most ``n - 1`` (centring removes one degree of freedom), so
-    with ``n - 1 < D`` (e.g. a bank of 400 rows in 1280 dimensions, or the fresh rows of one
-    experience) the problem is underdetermined: ``R`` is fixed only on the span of the centred
-    rows of ``p`` (and maps it onto that of ``q``), while on its orthogonal complement, the
-    ``D - rank`` directions of zero singular value, ``R`` is whatever orthogonal completion the SVD
-    returns (not unique, and not stable from one fit to the next). The reflection fix then flips
-    one of those arbitrary directions, which leaves the fitted rows unchanged. The fitted rows are
-    aligned (over-)perfectly; any other row (a held-out row, or a bank row of another class
-    outside that span) is rotated arbitrarily in its component outside the span. METHODS notes
-    2(b): at ``n = 512, D = 2048`` a held-out residual of 0.69 against 0.015 on the fitted rows.
-    Nothing here shrinks or regularizes ``R``: keep ``n >= D`` where the shape alignment matters,
-    or set ``rotation_interval=0`` (no rotation; the class-centre step still applies).
+def procrustes_fit(p: Tensor, q: Tensor) -> tuple[Tensor, int]:
+    """``(R, r)``: the rotation ``R`` (``D x D``, orthogonal, ``det R = +1``) minimizing
+    ``||(p - mu_p) R^T - (q - mu_q)||_F``, and the rank ``r`` of the fit.
+
+    ``p`` and ``q`` are paired rows ``(n, D)``. With ``S = P_c^T Q_c = U Sigma V^T`` the minimizer
+    maps every left singular vector ``u_i`` to ``v_i``. Computed in float32.
+
+    - **Enough rows** (``rank S >= D - 1``, which needs ``n >= D``): ``R = V U^T``, with the sign of
+      the last column of ``V`` (smallest singular value) flipped when ``det(V U^T) < 0``: the
+      official formula, unique.
+    - **Fewer rows than dimensions** (``rank S = r < D - 1``, e.g. a bank of hundreds of rows in
+      1280 dimensions): the data fix ``R`` only on the ``r`` fitted directions; the official formula
+      completes it with whatever orthogonal basis the SVD returns for the null space, which rotates
+      any other row (old classes, held-out rows) arbitrarily. Here ``R`` is :func:`span_rotation`:
+      ``u_i -> v_i`` for the fitted directions, the identity on every direction orthogonal to both
+      fitted spans, and the rotation closest to the identity in between. The fitted rows are
+      aligned exactly as by the official formula (see ``docs/methods/drtune.md``).
+
+    ``r``, the rank of the fit, counts singular values above ``max(n, D) * eps * sigma_max``
+    (float32 ``eps``).
     """
     if p.shape != q.shape or p.dim() != 2:
         raise ValueError(f"procrustes_rotation needs paired rows of equal shape (n, D), got {tuple(p.shape)} "
@@ -66,12 +74,72 @@ def procrustes_rotation(p: Tensor, q: Tensor) -> Tensor:
     with float32_math(p.device):
         p, q = p.float(), q.float()
         pc, qc = p - p.mean(dim=0), q - q.mean(dim=0)
-        u, _, vh = torch.linalg.svd(pc.T @ qc)
+        n, dim = pc.shape
+        if n > dim:
+            u, s, vh = torch.linalg.svd(pc.T @ qc)
+        else:  # thin: S = Qp (Rp Rq^T) Qq^T with Pc^T = Qp Rp, Qc^T = Qq Rq, an n x n SVD instead of D x D
+            qp, rp = torch.linalg.qr(pc.T)
+            qq, rq = torch.linalg.qr(qc.T)
+            x, s, yh = torch.linalg.svd(rp @ rq.T)
+            u, vh = qp @ x, yh @ qq.T
+        rank = fitted_rank(s, max(n, dim))
+        if rank < dim - 1:
+            return span_rotation(u[:, :rank], vh[:rank].mT), rank
         v = vh.mT
-        sign = torch.sign(torch.linalg.det(v) * torch.linalg.det(u))
+        # the sign of the LU determinant: det() itself under/overflows to 0 in float32 at D ~ 1000
+        sign = torch.linalg.slogdet(v).sign * torch.linalg.slogdet(u).sign
         fix = torch.ones(v.shape[1], dtype=v.dtype, device=v.device)
         fix[-1] = torch.where(sign < 0, -1.0, 1.0)
-        return (v * fix) @ u.T
+        return (v * fix) @ u.T, rank
+
+
+def fitted_rank(singular_values: Tensor, size: int) -> int:
+    """Singular values above ``size * eps * max`` (float32 ``eps``): the directions the data determine."""
+    if singular_values.numel() == 0:
+        return 0
+    top = singular_values.max()
+    if not bool(top > 0):
+        return 0
+    tol = top * size * torch.finfo(torch.float32).eps
+    return int((singular_values > tol).sum())
+
+
+def span_rotation(u: Tensor, v: Tensor) -> Tensor:
+    """The rotation mapping the orthonormal columns of ``u`` onto those of ``v`` (both ``(D, r)``),
+    the identity orthogonal to ``span(u) + span(v)``, and closest to the identity in between.
+
+    Inside ``W = span(u) + span(v)`` (dimension ``w``, between ``r`` and ``2r``) the part of ``W``
+    orthogonal to ``u`` is mapped onto the part orthogonal to ``v`` by the orthogonal map closest
+    to the identity (the polar factor of their overlap). ``det = +1``: if the completion is a
+    reflection its weakest direction is flipped; if ``W = span(u) = span(v)`` there is no
+    completion and the fitted direction ``v[:, -1]`` (smallest singular value of the fit) is, as in
+    the official formula.
+    """
+    dim, r = u.shape
+    eye = torch.eye(dim, dtype=u.dtype, device=u.device)
+    if r == 0:
+        return eye
+    both = torch.cat([u, v], dim=1)
+    basis, sv, _ = torch.linalg.svd(both, full_matrices=False)
+    w = max(fitted_rank(sv, 2 * dim), r)
+    basis = basis[:, :w]
+    uw, vw = basis.T @ u, basis.T @ v  # (w, r), orthonormal columns in W's coordinates
+    if w > r:
+        a = torch.linalg.svd(uw, full_matrices=True)[0][:, r:]  # W minus span(u)
+        b = torch.linalg.svd(vw, full_matrices=True)[0][:, r:]  # W minus span(v)
+        x, _, yh = torch.linalg.svd(b.T @ a)
+        rot_w = vw @ uw.T + b @ (x @ yh) @ a.T
+        if float(torch.linalg.slogdet(rot_w).sign) < 0:
+            x = x.clone()
+            x[:, -1] = -x[:, -1]
+            rot_w = vw @ uw.T + b @ (x @ yh) @ a.T
+    else:
+        rot_w = vw @ uw.T
+        if float(torch.linalg.slogdet(rot_w).sign) < 0:
+            vw = vw.clone()
+            vw[:, -1] = -vw[:, -1]
+            rot_w = vw @ uw.T
+    return eye - basis @ basis.T + basis @ rot_w @ basis.T
 
 
 def apply_rotation(p: Tensor, rotation: Tensor, mean_p: Tensor, mean_q: Tensor) -> Tensor:
@@ -152,8 +220,8 @@ def semantic_calibration(
             It is applied to *every* row, including rows it was not fitted on (in DR-Tune's
             stream setting it is fitted on the fresh rows only, see
             :meth:`cl_plugins.drtune.regularizer.DistributionRegularizer.calibrate`); when the
-            fit had fewer rows than dimensions those rows are rotated arbitrarily outside the
-            fitted span (:func:`procrustes_rotation`, "Few rows").
+            fit had fewer rows than dimensions ``R`` is the identity outside the fitted spans
+            (:func:`span_rotation`), so those rows keep their components there.
         fit_rows: boolean ``(n,)`` mask of the rows ``R`` was fitted on; their means define the
             translation (all rows when ``None`` or empty).
     """

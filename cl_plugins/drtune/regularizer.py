@@ -4,14 +4,26 @@
 ``z~`` of the bank (labels ``y_K``), the official code minimizes one cross entropy over the
 ``B + K`` rows ``cat(f_d, z~)``:
 
-    L = (B * L_CE + K * L_DR) / (B + K) = B / (B + K) * (L_CE + (K / B) * L_DR),
+    L = (B * L_CE + K * L_DR) / (B + K),
 
-with ``L_DR = CE(head(z~), y_K)`` (mean over the ``K`` bank rows in the concatenation). Here the
-user's loss is ``L_CE`` and DR-Tune adds ``lambda * L_DR``: ``lambda = K / B`` (``dr_weight=None``)
-reproduces the official weighting up to the overall factor ``B / (B + K)``, i.e. the official
-learning rates multiplied by ``B / (B + K)`` (about 1/33 for ``B = 64, K = 2048``). ``z~`` has no
-gradient, so ``L_DR`` trains the head only: the encoder is regularized through a head that must
-stay valid for the pretrained distribution.
+with ``L_DR = CE(head(z~), y_K)`` (mean over the ``K`` bank rows). Here the user's loss is
+``L_CE`` (whatever the ``training_step`` computes from the head's output) and DR-Tune shapes the
+step in one of three ways (``weight``):
+
+- ``"official"`` (default): the gradient of the user's loss that flows through the head's output
+  is multiplied by ``B / (B + K)`` and ``K / (B + K) * L_DR`` is attached: the step is the
+  official loss's at the user's learning rate (``forward`` values are unchanged: the logged
+  ``train/loss`` stays the user's ``L_CE``);
+- ``"K/B"``: ``L_CE + (K / B) * L_DR``, the official relative weights at the scale of the user's
+  ``L_CE``, i.e. ``(B + K) / B`` times the official step (33x at ``B = 64, K = 2048``): pair it
+  with learning rates multiplied by ``B / (B + K)``;
+- a number ``lambda``: ``L_CE + lambda * L_DR``.
+
+``z~`` has no gradient, so ``L_DR`` trains the head only: the encoder is regularized through a
+head that must stay valid for the pretrained distribution. Under ``"official"`` the encoder's
+gradient is ``B / (B + K)`` of plain fine-tuning's, as in the official code (where the backbone
+learning rate 0.01 acts like about 3e-4 under a plain mean cross entropy); the official code gives
+the head a 33x larger learning rate (0.33), see :class:`~cl_plugins.drtune.head.HeadLrScale`.
 
 **Which K.** The mean over ``B + K`` rows weights the DR rows by their *number in that step's
 concatenation*. The official ``semantic_calibration`` returns every row of its queue (``model.py``:
@@ -19,10 +31,9 @@ concatenation*. The official ``semantic_calibration`` returns every row of its q
 batches) has filled all of them before the first step, so there the number of rows used equals
 the capacity. Here a bank can be partly filled (a class-balanced bank holds no rows of classes
 not seen yet, a short warm-up fills a fifo bank part-way) and only filled rows enter ``L_DR``.
-The default weight therefore uses ``K = n``, the number of filled rows that enter ``L_DR`` in
+``K`` in the weights above is therefore ``n``, the number of filled rows that enter ``L_DR`` in
 that step (``bank_rows`` in :attr:`DRTuneTap.last`), with ``B`` the rows of the (gathered)
-batch: ``(B * L_CE + n * L_DR) / (B + n) = B / (B + n) * (L_CE + (n / B) * L_DR)``, the official
-cross entropy averaged over the ``B + n`` rows used. With a full bank ``n`` is the capacity.
+batch. With a full bank ``n`` is the capacity.
 
 **Order of a step** (official): ``z~`` is built from the bank *before* the batch is written; then
 ``(f_p, f_d.detach(), y)`` are enqueued.
@@ -32,6 +43,12 @@ cross entropy averaged over the ``B + n`` rows used. With a full bank ``n`` is t
 for epochs longer than 10 batches and keeps a regular cadence on tiny experiences). Between
 fits, ``cache_rotation=True`` (default, our choice) applies the last fitted rotation;
 ``cache_rotation=False`` is the official behaviour of applying no rotation on those steps.
+
+**Few fresh rows.** The rotation is fitted on the fresh rows; with fewer of them than feature
+dimensions it is restricted to their span (:func:`~cl_plugins.drtune.calibration.span_rotation`:
+identity outside it) instead of the official arbitrary completion, which would scramble the
+old-class rows. :attr:`DistributionRegularizer.last_fit` says how many rows and what rank the
+last fit had.
 
 **Continual streams: stale downstream features** (METHODS notes 2(e)). The downstream features of
 classes of past experiences were computed by an older encoder. The chosen option: the rotation is
@@ -45,7 +62,7 @@ classes' feature distribution, which is what protects them from being overwritte
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -54,12 +71,57 @@ from torch.utils.hooks import RemovableHandle
 
 from cl_plugins.aux_loss import attach_aux_loss
 from cl_plugins.drtune.bank import FeatureBank
-from cl_plugins.drtune.calibration import float32_math, mean_norm, procrustes_rotation, semantic_calibration
+from cl_plugins.drtune.calibration import float32_math, mean_norm, procrustes_fit, semantic_calibration
 from cl_plugins.drtune.features import check_features, head_linear
 
 #: official defaults (configs/cifar10_k2048_lr001.yaml and model.py)
 DEFAULT_BANK_SIZE = 2048
 DEFAULT_ROTATION_INTERVAL = 10
+
+#: how the DR term and the user's loss are weighted (module docstring)
+DRWeight = float | Literal["official", "K/B"]
+DR_WEIGHT_MODES = ("official", "K/B")
+
+
+def check_dr_weight(weight: object) -> None:
+    """Raises a clear error unless ``weight`` is ``"official"``, ``"K/B"`` or a number >= 0."""
+    valid = isinstance(weight, str) and weight in DR_WEIGHT_MODES
+    valid |= isinstance(weight, (int, float)) and not isinstance(weight, bool) and weight >= 0
+    if not valid:
+        raise ValueError(
+            f"dr_weight must be 'official' (the official loss at your learning rate), 'K/B' or a number >= 0, "
+            f"got {weight!r}"
+        )
+
+
+def loss_weights(weight: DRWeight, batch: int, bank_rows: int) -> tuple[float, float]:
+    """``(task_scale, dr_weight)``: the factor on the gradient of the user's loss and the weight of
+    ``L_DR`` for a step with ``batch`` rows and ``bank_rows`` filled bank rows (module docstring)."""
+    if weight == "official":
+        return batch / (batch + bank_rows), bank_rows / (batch + bank_rows)
+    if weight == "K/B":
+        return 1.0, bank_rows / batch
+    return 1.0, float(weight)
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; multiplies the incoming gradient by ``scale``."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, scale: float) -> Tensor:
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        return grad * ctx.scale, None
+
+
+def scale_grad(x: Tensor, scale: float) -> Tensor:
+    """``x`` unchanged, with the gradient flowing back through it multiplied by ``scale``."""
+    if scale == 1.0 or not (torch.is_grad_enabled() and x.requires_grad):
+        return x
+    return _ScaleGrad.apply(x, scale)
 
 
 def dr_loss(head: nn.Module, z: Tensor, labels: Tensor, label_mask: Tensor | None = None) -> Tensor:
@@ -97,6 +159,8 @@ class DistributionRegularizer(nn.Module):
         self.register_buffer("has_rotation", torch.tensor(False))
         self.register_buffer("step", torch.tensor(0, dtype=torch.long))
         self.register_buffer("experience", torch.tensor(0, dtype=torch.long))
+        #: the last rotation fit: ``{"rows", "rank", "dim"}`` (``rank < dim - 1``: restricted to the span)
+        self.last_fit: dict[str, int] | None = None
 
     def calibrate(self, scale: Tensor | float, head_weight: Tensor) -> tuple[Tensor, Tensor] | None:
         """``(z~, labels)`` of the filled bank rows for the current step, or ``None`` when the bank is empty.
@@ -105,11 +169,9 @@ class DistributionRegularizer(nn.Module):
         rows only (``FeatureBank.fresh``: written during the current experience; every filled row
         of a fifo bank) and needs at least 2 of them; with fewer the step falls back to the cached
         rotation, if any. The rotation is then applied to all filled rows. With fewer fresh rows
-        than feature dimensions the fit is underdetermined: exact on the span of the fresh rows,
-        arbitrary outside it, so the rows of old classes are rotated arbitrarily in their
-        components outside that span (see :func:`~cl_plugins.drtune.calibration.procrustes_rotation`,
-        "Few rows"; the class-centre step afterwards still moves each class onto its downstream
-        centre).
+        than feature dimensions the data fix the rotation only on the span of the fresh rows; it
+        is the identity outside it (:func:`~cl_plugins.drtune.calibration.procrustes_fit`), so the
+        components of old-class rows outside that span are left as they are.
         """
         bank = self.bank
         rows = torch.nonzero(bank.valid, as_tuple=True)[0]
@@ -121,7 +183,8 @@ class DistributionRegularizer(nn.Module):
         interval = self.rotation_interval
         if interval > 0 and int(self.step) % interval == 0 and int(fresh.sum()) >= 2:
             with float32_math(pre.device):
-                rotation = procrustes_rotation(F.normalize(pre[fresh], dim=1), F.normalize(down[fresh], dim=1))
+                rotation, rank = procrustes_fit(F.normalize(pre[fresh], dim=1), F.normalize(down[fresh], dim=1))
+            self.last_fit = {"rows": int(fresh.sum()), "rank": rank, "dim": bank.dim}
             if self.cache_rotation:
                 self.rotation.copy_(rotation)
                 self.has_rotation.fill_(True)
@@ -160,9 +223,11 @@ class DRTuneTap:
         regularizer: bank and calibration state.
         pretrained: ``fn(*args, **kwargs) -> f_p`` with the arguments of ``root`` (a
             :class:`~cl_plugins.drtune.features.FrozenEncoder`, or the user's features function).
-        weight: ``lambda``; ``None``: ``n / B``, the official implicit weight, with ``n`` the filled
-            bank rows that enter ``L_DR`` this step (the capacity ``K`` once the bank is full) and
-            ``B`` the rows of the gathered batch (module docstring, "Which K").
+        weight: ``"official"`` (default), ``"K/B"`` or a number ``lambda`` (module docstring): with
+            ``n`` the filled bank rows that enter ``L_DR`` this step (the capacity ``K`` once the bank
+            is full) and ``B`` the rows of the gathered batch ("Which K"), ``"official"`` scales the
+            gradient through the head's output by ``B / (B + n)`` and weights ``L_DR`` by
+            ``n / (B + n)``.
         gather: concatenates a tensor over processes (DDP), applied to ``f_p``, ``f_d`` and labels
             before they enter the bank; identity by default.
         attach: ``fn(output, term) -> output``; default :func:`~cl_plugins.aux_loss.attach_aux_loss`.
@@ -175,13 +240,12 @@ class DRTuneTap:
         head: nn.Module,
         regularizer: DistributionRegularizer,
         pretrained: Callable[..., Tensor],
-        weight: float | None = None,
+        weight: DRWeight = "official",
         gather: Gather | None = None,
         attach: Attach | None = None,
         label_mask: Tensor | None = None,
     ) -> None:
-        if weight is not None and weight < 0:
-            raise ValueError(f"the DR weight must be >= 0, got {weight}")
+        check_dr_weight(weight)
         self.root, self.head, self.regularizer, self.pretrained = root, head, regularizer, pretrained
         self.weight = weight
         self.gather: Gather = gather or (lambda t: t)
@@ -192,7 +256,8 @@ class DRTuneTap:
         self._inputs: tuple[tuple[Any, ...], dict[str, Any]] | None = None
         self._active = self._done = self._busy = self._warmup = False
         self._warmup_features: Tensor | None = None
-        #: values of the last regularized step: ``dr_ce`` (unweighted), ``weight``, ``bank_rows``, ``scale``
+        #: values of the last regularized step: ``dr_ce`` (unweighted), ``weight`` (of ``L_DR``),
+        #: ``task_scale`` (on the gradient of the user's loss), ``bank_rows``, ``scale`` (of ``z~``)
         self.last: dict[str, float] = {}
 
     # ------------------------------------------------------------------ hooks
@@ -248,10 +313,10 @@ class DRTuneTap:
             raise ValueError("DR-Tune needs a head that maps one feature tensor to one logits tensor")
         f_d = args[0]
         check_features(f_d, module, "downstream")
-        term = self.step(f_d, self._inputs, self._labels)
+        term, task_scale = self.step(f_d, self._inputs, self._labels)
         if term is None:
             return None
-        return self.attach(output, term)
+        return self.attach(scale_grad(output, task_scale), term)
 
     # ------------------------------------------------------------------ the computation
     def pretrained_features(self, inputs: tuple[tuple[Any, ...], dict[str, Any]]) -> Tensor:
@@ -264,8 +329,10 @@ class DRTuneTap:
         check_features(f_p, self.head, "pretrained")
         return f_p.detach().float()
 
-    def step(self, f_d: Tensor, inputs: tuple[tuple[Any, ...], dict[str, Any]], labels: Tensor | None) -> Tensor | None:
-        """``weight * L_DR`` for this batch (``None`` while the bank is empty), then enqueues the batch."""
+    def step(self, f_d: Tensor, inputs: tuple[tuple[Any, ...], dict[str, Any]],
+             labels: Tensor | None) -> tuple[Tensor | None, float]:
+        """``(weight * L_DR, task_scale)`` for this batch (``(None, 1.0)`` while the bank is empty),
+        then enqueues the batch."""
         if labels is None:
             raise RuntimeError("DR-Tune has no labels for this step: call begin_step(labels) first")
         f_p = self.pretrained_features(inputs)
@@ -281,22 +348,23 @@ class DRTuneTap:
         reg = self.regularizer
         scale = mean_norm(all_d)
         term: Tensor | None = None
+        task_scale = 1.0
         calibrated = reg.calibrate(scale, head_linear(self.head).weight)
         if calibrated is not None:
             z, bank_labels = calibrated
             # official: a mean over the B + n rows in the concatenation (module docstring, "Which K")
-            weight = self.weight if self.weight is not None else bank_labels.shape[0] / all_d.shape[0]
+            task_scale, weight = loss_weights(self.weight, all_d.shape[0], bank_labels.shape[0])
             self._busy = True
             try:
                 ce = dr_loss(self.head, z.to(f_d.dtype), bank_labels, self.label_mask)
             finally:
                 self._busy = False
             term = weight * ce
-            self.last = {"dr_ce": float(ce.detach()), "weight": float(weight), "bank_rows": float(len(bank_labels)),
-                         "scale": float(scale)}
+            self.last = {"dr_ce": float(ce.detach()), "weight": float(weight), "task_scale": float(task_scale),
+                         "bank_rows": float(len(bank_labels)), "scale": float(scale)}
         reg.enqueue(all_p, all_d, all_y)
         reg.step += 1
-        return term
+        return term, task_scale
 
     @torch.no_grad()
     def warmup_batch(self, args: tuple[Any, ...], kwargs: dict[str, Any], labels: Tensor) -> None:

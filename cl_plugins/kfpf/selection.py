@@ -17,7 +17,8 @@ set by default for any architecture:
   parameter names, for anything else (e.g. ``r"layer4\\.1\\."`` or ``r"pos_embed"``).
 
 The ViT defaults (LayerNorms, head, patch embedding) are this library's analogue of the paper's
-ResNet finding; the paper does not verify them for transformers.
+ResNet finding; the paper does not verify them for transformers. ``KFPF(modules="auto")``
+chooses from measured sensitivity instead (:mod:`cl_plugins.kfpf.auto`).
 """
 
 from __future__ import annotations
@@ -61,7 +62,8 @@ class ModuleSelection:
     """The outcome of :func:`select_modules`.
 
     Attributes:
-        modules: selected modules by qualified name (all their parameters are selected).
+        modules: selected modules by qualified name (all their parameters are selected; with
+            ``modules="auto"`` only their own, :mod:`cl_plugins.kfpf.auto`).
         params: every selected parameter by qualified name (modules' and pattern-matched ones).
         norm_with_stats: selected modules keeping running statistics (re-estimated in a phase).
         reasons: why each module or parameter was selected (``head``, ``norm``, ``first_conv``,
@@ -88,6 +90,60 @@ def _param_owning_module_names(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if n and any(True for _ in m.parameters(recurse=False))]
 
 
+class SelectionBuilder:
+    """Accumulates a :class:`ModuleSelection` without duplicates (shared by the fixed list and
+    :func:`cl_plugins.kfpf.auto.select_by_sensitivity`)."""
+
+    def __init__(self) -> None:
+        self.selection = ModuleSelection()
+        self._seen: set[int] = set()
+
+    def add_param(self, name: str, p: nn.Parameter, reason: str) -> None:
+        """Selects one parameter."""
+        if id(p) not in self._seen:
+            self._seen.add(id(p))
+            self.selection.params[name] = p
+            self.selection.reasons.setdefault(name, reason)
+
+    def add_module(self, name: str, module: nn.Module, reason: str, recurse: bool = True) -> None:
+        """Selects a module's parameters (its own only with ``recurse=False``) and the running
+        statistics of the normalization layers among them."""
+        sel = self.selection
+        if name in sel.modules:
+            return
+        sel.modules[name] = module
+        sel.reasons.setdefault(name or "<root>", reason)
+        for pname, p in module.named_parameters(recurse=recurse):
+            if id(p) not in self._seen:
+                self._seen.add(id(p))
+                sel.params[f"{name}.{pname}" if name else pname] = p
+        subs = module.named_modules(prefix=name) if recurse else [(name, module)]
+        for sub_name, sub in subs:
+            if has_running_stats(sub):
+                sel.norm_with_stats[sub_name] = sub
+
+    def add_patterns(self, model: nn.Module, patterns: Sequence[str]) -> None:
+        """Selects the modules and parameters whose qualified names match each regular expression."""
+        for pattern in patterns:
+            rx = re.compile(pattern)
+            matched = False
+            for name, m in model.named_modules():
+                if name and rx.search(name):
+                    self.add_module(name, m, f"pattern:{pattern}")
+                    matched = True
+            for pname, p in model.named_parameters():
+                if rx.search(pname):
+                    matched = True
+                    self.add_param(pname, p, f"pattern:{pattern}")
+            if not matched:
+                names = _param_owning_module_names(model)
+                shown = ", ".join(names[:60]) + (f", ... (+{len(names) - 60})" if len(names) > 60 else "")
+                raise ValueError(
+                    f"k-FPF module pattern {pattern!r} matches no module or parameter name of "
+                    f"{type(model).__name__}; modules with parameters: {shown}"
+                )
+
+
 def select_modules(
     model: nn.Module,
     head: bool = True,
@@ -110,58 +166,23 @@ def select_modules(
         ValueError: when a pattern matches nothing (the message lists the model's modules), or
             when the selection is empty.
     """
-    sel = ModuleSelection()
-    seen: set[int] = set()
-
-    def add_module(name: str, module: nn.Module, reason: str) -> None:
-        if name in sel.modules:
-            return
-        sel.modules[name] = module
-        sel.reasons.setdefault(name or "<root>", reason)
-        for pname, p in module.named_parameters():
-            if id(p) not in seen:
-                seen.add(id(p))
-                sel.params[f"{name}.{pname}" if name else pname] = p
-        for sub_name, sub in module.named_modules(prefix=name):
-            if has_running_stats(sub):
-                sel.norm_with_stats[sub_name] = sub
-
+    build = SelectionBuilder()
     if head:
         hname, hmod = find_head(model, head_name)
-        add_module(hname, hmod, "head")
+        build.add_module(hname, hmod, "head")
     if norms:
         for name, m in model.named_modules():
             if name and is_norm(m) and (any(True for _ in m.parameters()) or has_running_stats(m)):
-                add_module(name, m, "norm")
+                build.add_module(name, m, "norm")
     if first_conv:
         for name, m in model.named_modules():
             if isinstance(m, _CONV_TYPES):
-                add_module(name, m, "first_conv")
+                build.add_module(name, m, "first_conv")
                 break
-    for pattern in patterns:
-        rx = re.compile(pattern)
-        matched = False
-        for name, m in model.named_modules():
-            if name and rx.search(name):
-                add_module(name, m, f"pattern:{pattern}")
-                matched = True
-        for pname, p in model.named_parameters():
-            if rx.search(pname):
-                matched = True
-                if id(p) not in seen:
-                    seen.add(id(p))
-                    sel.params[pname] = p
-                    sel.reasons.setdefault(pname, f"pattern:{pattern}")
-        if not matched:
-            names = _param_owning_module_names(model)
-            shown = ", ".join(names[:60]) + (f", ... (+{len(names) - 60})" if len(names) > 60 else "")
-            raise ValueError(
-                f"k-FPF module pattern {pattern!r} matches no module or parameter name of "
-                f"{type(model).__name__}; modules with parameters: {shown}"
-            )
-    if not sel.params:
+    build.add_patterns(model, patterns)
+    if not build.selection.params:
         raise ValueError(
             "k-FPF selected no parameters: enable head / norms / first_conv or give patterns= that "
             "match modules with parameters"
         )
-    return sel
+    return build.selection

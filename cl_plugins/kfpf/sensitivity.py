@@ -94,6 +94,16 @@ class SensitivityTracker:
             for ref, now, then in zip(prev, ts, old):
                 ref.add_(now.detach().float().cpu() - then)
 
+    def peek(self) -> dict[str, float]:
+        """Scores each group against the snapshot without recording them (the epoch in progress);
+        empty before the first snapshot."""
+        scores: dict[str, float] = {}
+        for g, ts in self.groups.items():
+            prev = self.snapshot.get(g)
+            if prev is not None:
+                scores[g] = mean_abs_change(ts, prev)
+        return scores
+
     def update(self, epoch: int, experience: int | None = None) -> dict[str, float]:
         """Scores each group against the snapshot, records the scores and re-snapshots.
 
@@ -101,11 +111,7 @@ class SensitivityTracker:
         """
         scores: dict[str, float] = {}
         if self.snapshot:
-            for g, ts in self.groups.items():
-                prev = self.snapshot.get(g)
-                if prev is None:
-                    continue
-                scores[g] = mean_abs_change(ts, prev)
+            scores = self.peek()
             self.history.append({"epoch": int(epoch), "experience": experience, "scores": scores})
         self.take_snapshot()
         return scores

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cl_plugins.aux_loss import AuxLossTracker, attach_aux_loss
+from cl_plugins.aux_loss import AuxLossTracker
 from cl_plugins.peft.adapters import AdapterLayer, inject_adapters
 from cl_plugins.peft.dropout import FastDropout
 
@@ -67,19 +67,24 @@ def coefficient_matrix(sample_types: Tensor, expert_groups: Tensor, delta: float
     return torch.where(match, 1.0 + delta, 1.0 - delta).float()
 
 
+def _precise(t: Tensor) -> Tensor:
+    """``t`` in float32, or float64 when it is float64 (float64 references stay exact)."""
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
+
+
 def importance(weights: Tensor) -> Tensor:
     """``Q`` of shape ``(num_experts, batch)``: router weights summed over each sample's tokens.
 
     ``weights`` has shape ``(batch, ..., num_experts)`` (``(batch, num_experts)`` for a 2-D input).
     """
     b, n = weights.shape[0], weights.shape[-1]
-    return weights.float().reshape(b, -1, n).sum(dim=1).t()
+    return _precise(weights).reshape(b, -1, n).sum(dim=1).t()
 
 
 def cv_squared(x: Tensor, eps: float = CV_EPS) -> Tensor:
     """Squared coefficient of variation ``var(x) / (mean(x)^2 + eps)`` of all entries (unbiased
     variance, float32); 0 for a single entry."""
-    x = x.float().reshape(-1)
+    x = _precise(x).reshape(-1)
     if x.numel() <= 1:
         return x.sum() * 0.0
     return x.var() / (x.mean() ** 2 + eps)
@@ -93,10 +98,101 @@ def localized_balancing_loss(q: Tensor, sample_types: Tensor, expert_groups: Ten
             f"{sample_types.numel()} samples"
         )
     with torch.autocast(device_type=q.device.type, enabled=False):
-        return cv_squared(coefficient_matrix(sample_types, expert_groups, delta) * q.float())
+        return cv_squared(coefficient_matrix(sample_types, expert_groups, delta) * _precise(q))
+
+
+def cv_squared_batched(z: Tensor, eps: float = CV_EPS) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`cv_squared` of each ``z[k]`` ``(L, ...)`` at once: ``(cv2, var, mean)``, the last two
+    shaped ``(L, 1, ...)`` for :func:`cv_squared_grad`."""
+    dims = tuple(range(1, z.dim()))
+    if z[0].numel() <= 1:
+        zero = z.new_zeros((z.shape[0],) + (1,) * len(dims))
+        return zero.reshape(-1), zero, zero
+    var, mean = torch.var_mean(z, dim=dims, keepdim=True)
+    denom = mean * mean + eps
+    return (var / denom).reshape(-1), var, mean
+
+
+def cv_squared_grad(z: Tensor, var: Tensor, mean: Tensor, eps: float = CV_EPS) -> Tensor:
+    """Gradient of ``cv_squared(z[k])`` with respect to ``z[k]`` for every ``k`` (``var``, ``mean`` from
+    :func:`cv_squared_batched`): ``2 (z - mean) / ((M - 1) d) - 2 var mean / (M d^2)``, ``d = mean^2 + eps``,
+    ``M`` entries per ``z[k]``."""
+    m = z[0].numel()
+    if m <= 1:
+        return torch.zeros_like(z)
+    denom = mean * mean + eps
+    return ((z - mean) * (2.0 / (m - 1)) - var * mean * (2.0 / m) / denom) / denom
 
 
 # ---------------------------------------------------------------------------------------------- context
+class _StepTerms:
+    """The importances ``Q`` of the LoRAMoE layers in the typed forwards of one step, with the step's
+    types: every layer's balancing term is computed from them at once (its value for logging, its gradient
+    on the first backward through the layers), and the router statistics at the end of the step."""
+
+    def __init__(self, types: Tensor, coeff: Tensor, balance_weight: float, tracker: AuxLossTracker | None) -> None:
+        self.types = types
+        self.coeff = coeff.t()  # (batch, experts), as the rows of Q below
+        self.balance_weight = balance_weight
+        self.tracker = tracker
+        self.qs: list[Tensor] = []  # per layer: (batch, experts), detached
+        self.tokens: list[int] = []
+        self._grads: Tensor | None = None
+        self._values: Tensor | None = None
+
+    def add(self, q: Tensor, tokens: int) -> int:
+        """Keeps one layer's ``Q`` (rows: samples); returns its index."""
+        self.qs.append(q.detach())
+        self.tokens.append(tokens)
+        self._grads = self._values = None
+        return len(self.qs) - 1
+
+    def _z(self) -> Tensor:
+        return self.coeff * torch.stack(self.qs)  # I o Q, (layers, batch, experts)
+
+    def values(self) -> Tensor:
+        """``beta * CV(I o Q)^2`` of every layer ``(layers,)``, without gradient."""
+        if self._values is None:
+            self._values = self.balance_weight * cv_squared_batched(self._z())[0]
+        return self._values
+
+    def grad(self, k: int) -> Tensor:
+        """Gradient of the seeded term of layer ``k`` with respect to its ``Q`` (all layers computed on the
+        first call)."""
+        if self._grads is None:
+            z = self._z()
+            cv2, var, mean = cv_squared_batched(z)
+            self._values = self.balance_weight * cv2
+            grads = cv_squared_grad(z, var, mean) * self.coeff * self.balance_weight
+            seed = 1.0 if self.tracker is None else self.tracker.seed
+            if isinstance(seed, Tensor):
+                grads = grads * seed.to(device=grads.device, dtype=grads.dtype)
+            elif seed != 1.0:
+                grads = grads * seed
+            self._grads = grads
+        return self._grads[k]
+
+    def shares(self) -> Tensor:
+        """``(batch, experts)``: every sample's mean router weight over its tokens, summed over the layers."""
+        if len(set(self.tokens)) == 1:
+            return torch.stack(self.qs).sum(dim=0) / self.tokens[0]
+        return torch.stack([q / t for q, t in zip(self.qs, self.tokens)]).sum(dim=0)
+
+
+class _AttachBalance(torch.autograd.Function):
+    """Identity on a layer's output; its backward gives the layer's ``Q`` the gradient of its balancing
+    term (as :func:`cl_plugins.aux_loss.attach_aux_loss` does for a term computed in the forward)."""
+
+    @staticmethod
+    def forward(ctx: Any, output: Tensor, q: Tensor, terms: _StepTerms, k: int) -> Tensor:
+        ctx.terms, ctx.k = terms, k
+        return output.view_as(output)
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor, Tensor, None, None]:
+        return grad_output, ctx.terms.grad(ctx.k), None, None
+
+
 class LoRAMoEContext:
     """State shared by the LoRAMoE layers of one injection: the current batch's sample types, the
     constraint's settings, the loss tracker and router statistics of the current step.
@@ -132,45 +228,84 @@ class LoRAMoEContext:
         self._types: Tensor | None = None
         #: the types of the last resolved batch (for inspection and tests)
         self.last_types: Tensor | None = None
+        self._on_device: dict[torch.device, tuple[Tensor, Tensor, Tensor]] = {}
+        self._type_range: Tensor | None = None
+        self._terms: _StepTerms | None = None
         self._reset_stats()
 
     @property
     def num_experts(self) -> int:
         return self.expert_groups.numel()
 
+    def _constants(self, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+        """``(expert groups, group one-hot (experts, groups), type ids)`` on ``device``, copied there once
+        (a copy from the host in a training step would wait for the device)."""
+        if device not in self._on_device:
+            ids = torch.arange(self.num_groups)
+            onehot = (self.expert_groups[:, None] == ids).float()
+            self._on_device[device] = (self.expert_groups.to(device), onehot.to(device), ids.to(device))
+        return self._on_device[device]
+
     # ---- the current batch
     def begin_step(self, batch: Any, resolver: Callable[[Any], Tensor]) -> None:
         """Hands the layers the training batch; ``resolver(batch)`` gives the sample types
         ``(batch,)`` at the first layer forward (after other hooks extended the batch)."""
+        self._close_terms()
         self._batch, self._resolver, self._types, self._coeff = batch, resolver, None, None
 
     def set_types(self, sample_types: Tensor | None) -> None:
-        """Sets the sample types directly (outside a Trainer); ``None`` turns the constraint off."""
+        """Sets the sample types directly (outside a Trainer); ``None`` turns the constraint off. Their
+        values are checked now (one host sync)."""
+        self._close_terms()
         self._batch, self._resolver, self._coeff = None, None, None
         self._types = None if sample_types is None else self._check(sample_types)
         if self._types is not None:
+            if self._types.numel():
+                self._raise_on_bad_types(*self._types.aminmax())
             self.last_types = self._types.detach()
 
     def end_forward(self) -> None:
         """Stops typing forwards (called before the backward and at the end of the batch)."""
+        self._close_terms()
         self._batch, self._resolver, self._types, self._coeff = None, None, None, None
 
     def _check(self, types: Tensor) -> Tensor:
+        """Shape and dtype (free); the values are watched on the device (see :meth:`check_types`)."""
         if not isinstance(types, Tensor) or types.dim() != 1 or types.is_floating_point():
             shape = tuple(types.shape) if isinstance(types, Tensor) else type(types).__name__
             raise TypeError(f"sample types must be a 1-D integer tensor (one type per sample), got {shape}")
-        types = types.long()
-        if types.numel() and (int(types.min()) < 0 or int(types.max()) >= self.num_groups):
+        return types.long()
+
+    def _watch(self, types: Tensor) -> None:
+        """Keeps the lowest and highest type seen since :meth:`check_types` on the device (no host sync)."""
+        if types.numel():
+            lo, hi = types.aminmax()
+            seen = torch.stack((-lo, hi))
+            self._type_range = seen if self._type_range is None else torch.maximum(self._type_range, seen)
+
+    def check_types(self) -> None:
+        """Raises if a sample type resolved in a training step since the last call was outside
+        ``[0, num_groups)``. One host sync: the callback calls it at the end of every epoch."""
+        if self._type_range is None:
+            return
+        neg_lo, hi = self._type_range.tolist()
+        self._type_range = None
+        self._raise_on_bad_types(-neg_lo, hi)
+
+    def _raise_on_bad_types(self, lo: Tensor | int, hi: Tensor | int) -> None:
+        lo, hi = int(lo), int(hi)
+        if lo < 0 or hi >= self.num_groups:
             raise ValueError(
-                f"sample types must be in [0, {self.num_groups}) (0: world-knowledge / retained data, "
-                f"1: new-task data), got values {sorted(set(types.tolist()))}"
+                f"sample types must be in [0, {self.num_groups}) (0: world-knowledge / retained data, 1: new-task "
+                f"data), got values from {lo} to {hi}. A sample_type callable must return only these; a type -1 "
+                "comes from a class or task label that no experience of the stream has"
             )
-        return types
 
     def sample_types(self, batch_size: int, device: torch.device) -> Tensor | None:
         """Types of the samples of the current forward, or ``None`` when no batch is typed."""
         if self._types is None and self._resolver is not None:
             self._types = self._check(self._resolver(self._batch))
+            self._watch(self._types)
             self.last_types = self._types.detach()
         if self._types is None:
             return None
@@ -182,69 +317,109 @@ class LoRAMoEContext:
                 "row the layers see"
             )
         if self._types.device != device:
+            self._close_terms()
             self._types, self._coeff = self._types.to(device), None
         return self._types
 
     def coefficients(self, types: Tensor) -> Tensor:
         """``I`` for the current step's ``types``, computed once and shared by every layer."""
         if self._coeff is None or self._coeff.shape[1] != types.numel() or self._coeff.device != types.device:
-            self._coeff = coefficient_matrix(types, self.expert_groups.to(types.device), self.delta)
+            self._coeff = coefficient_matrix(types, self._constants(types.device)[0], self.delta)
         return self._coeff
 
     # ---- the constraint and statistics
     def _reset_stats(self) -> None:
+        self._closed: list[_StepTerms] = []
         self._loss_sum: Tensor | None = None
-        self._share_sum: Tensor | None = None
-        self._count: Tensor | None = None
+        self._share_sum: Tensor | None = None  # (types, experts)
+        self._count: Tensor | None = None  # (types,)
+        self._type_share: Tensor | None = None
+        self._type_count: Tensor | None = None
+
+    def _close_terms(self) -> None:
+        """Ends the current :class:`_StepTerms`; more than one pending are folded into sums (constant memory
+        in loops that never call :meth:`pop_stats`)."""
+        if self._terms is not None and self._terms.qs:
+            self._closed.append(self._terms)
+        self._terms = None
+        if len(self._closed) > 1:
+            self._fold()
+
+    def _fold(self) -> None:
+        """Adds the closed terms' loss and router shares by sample type to the running sums (device only)."""
+        for t in self._closed:
+            if self.balance_weight > 0:
+                loss = t.values().sum()
+                self._loss_sum = loss if self._loss_sum is None else self._loss_sum + loss
+            if self.collect_stats:
+                ids = self._constants(t.types.device)[2]
+                onehot = (t.types[:, None] == ids).to(t.qs[0].dtype)  # (batch, types); a bad type matches none
+                share, count = onehot.t() @ t.shares(), onehot.sum(dim=0) * len(t.qs)
+                if self._share_sum is None or self._count is None:
+                    self._share_sum, self._count = share, count
+                else:
+                    self._share_sum, self._count = self._share_sum + share, self._count + count
+        self._closed = []
 
     def balance(self, output: Tensor, weights: Tensor, types: Tensor) -> Tensor:
-        """Computes one layer's term from its router ``weights`` and attaches it to ``output``."""
-        q = importance(weights)
-        out = output
-        if self.balance_weight > 0:
-            # = beta * localized_balancing_loss(q, types, groups, delta), with I shared by the layers
-            with torch.autocast(device_type=q.device.type, enabled=False):
-                term = self.balance_weight * cv_squared(self.coefficients(types) * q)
-            out = attach_aux_loss(output, term, self.tracker, None)
-            self._loss_sum = term.detach() if self._loss_sum is None else self._loss_sum + term.detach()
-        if not self.collect_stats:
-            return out
-        with torch.no_grad():
-            tokens = weights[0].numel() // weights.shape[-1]
-            share = q.t() / tokens  # (batch, experts): mean router weight of each sample
-            onehot = F.one_hot(types, self.num_groups).float()
-            share_sum = onehot.t() @ share  # (types, experts)
-            count = onehot.sum(dim=0)
-            if self._share_sum is None:
-                self._share_sum, self._count = share_sum, count
-            else:
-                self._share_sum, self._count = self._share_sum + share_sum, self._count + count
-        return out
+        """Keeps one layer's importance ``Q`` from its router ``weights`` and attaches its balancing term
+        to ``output``: the terms of all layers are computed together (value and gradient, see
+        :class:`_StepTerms`), exactly ``beta * CV(I o Q)^2`` per layer."""
+        if self.balance_weight == 0 and not self.collect_stats:
+            return output
+        if self._terms is None or self._terms.types is not types:
+            self._close_terms()
+            self._terms = _StepTerms(types, self.coefficients(types), self.balance_weight, self.tracker)
+        n = weights.shape[-1]
+        q = _precise(weights.sum(dim=tuple(range(1, weights.dim() - 1))) if weights.dim() > 2 else weights)
+        k = self._terms.add(q, weights[0].numel() // n)
+        if self.balance_weight > 0 and torch.is_grad_enabled() and q.requires_grad:
+            return _AttachBalance.apply(output, q, self._terms, k)
+        return output
 
     def pop_stats(self) -> dict[str, Tensor]:
         """The step's balancing loss (summed over layers) and router statistics, then forgets them.
 
         Keys: ``balance_loss``; ``expert{n}_load`` (mean router weight of expert ``n`` over the
-        step's samples, tokens and layers); ``group{g}_weight`` (the share of group ``g``);
-        ``type{s}_group{g}_weight`` (the share of group ``g`` for samples of type ``s``, for the
-        types present in the step).
+        step's samples, tokens and layers); ``group{g}_weight`` (the share of group ``g``). The shares
+        of each group by sample type are added up for :meth:`pop_type_stats`. No host sync.
         """
+        self._close_terms()
+        self._fold()
         out: dict[str, Tensor] = {}
         if self._loss_sum is not None:
             out["balance_loss"] = self._loss_sum
-        if self._share_sum is not None and self._count is not None:
-            groups = self.expert_groups.to(self._share_sum.device)
-            load = self._share_sum.sum(dim=0) / self._count.sum().clamp_min(1.0)
-            for n in range(self.num_experts):
-                out[f"expert{n}_load"] = load[n]
-            for g in range(self.num_groups):
-                out[f"group{g}_weight"] = load[groups == g].sum()
-            present = (self._count > 0).nonzero().flatten().tolist()
-            for s in present:
-                per_type = self._share_sum[s] / self._count[s]
+        share, count = self._share_sum, self._count
+        self._loss_sum = self._share_sum = self._count = None
+        if share is None or count is None:
+            return out
+        load = share.sum(dim=0) / count.sum().clamp_min(1.0)
+        group_weight = load @ self._constants(load.device)[1].to(load.dtype)
+        for n in range(self.num_experts):
+            out[f"expert{n}_load"] = load[n]
+        for g in range(self.num_groups):
+            out[f"group{g}_weight"] = group_weight[g]
+        if self._type_share is None or self._type_count is None:
+            self._type_share, self._type_count = share, count
+        else:
+            self._type_share, self._type_count = self._type_share + share, self._type_count + count
+        return out
+
+    def pop_type_stats(self) -> dict[str, Tensor]:
+        """``type{s}_group{g}_weight``: the share of group ``g`` for the samples of type ``s``, over the
+        steps since the last call, for the types present; then forgets them. One host sync (the
+        callback calls it at the end of every epoch)."""
+        share, count = self._type_share, self._type_count
+        self._type_share = self._type_count = None
+        if share is None or count is None:
+            return {}
+        group_onehot = self._constants(share.device)[1].to(share.dtype)
+        per_type = (share / count.clamp_min(1.0)[:, None]) @ group_onehot  # (types, groups)
+        out: dict[str, Tensor] = {}
+        for s, present in enumerate((count > 0).tolist()):
+            if present:
                 for g in range(self.num_groups):
-                    out[f"type{s}_group{g}_weight"] = per_type[groups == g].sum()
-        self._reset_stats()
+                    out[f"type{s}_group{g}_weight"] = per_type[s, g]
         return out
 
 
@@ -287,16 +462,20 @@ class LoRAExperts(nn.Module):
         if self.training and isinstance(self.dropout, nn.Dropout) and self.per_expert_dropout:
             # an independent dropout mask per expert, as the official code (n masked copies of x)
             xe = self.dropout(x.unsqueeze(-2).expand(*lead, n, d_in))
-            h = torch.einsum("...ni,nri->...nr", xe, self.lora_A)
+            h = torch.einsum("...ni,nri->...nr", xe, self.lora_A).reshape(-1, n, r)
         else:
-            # one mask shared by the experts (standard LoRA dropout): one stacked matmul
-            h = F.linear(self.dropout(x), self.lora_A.reshape(n * r, d_in)).reshape(*lead, n, r)
-        h = (h * (weights.unsqueeze(-1) * self.scaling).to(h.dtype)).reshape(-1, n * r)  # scale the rank side
-        b = self.lora_B.permute(1, 0, 2).reshape(self.lora_B.shape[1], n * r)
+            # one mask shared by the experts (standard LoRA dropout): every expert's A in one matmul
+            h = F.linear(self.dropout(x), self.lora_A.reshape(n * r, d_in)).view(-1, n, r)
+        w = weights.reshape(-1, n, 1)
+        h = (h * (w if w.dtype == h.dtype else w.to(h.dtype))).reshape(-1, n * r)  # routed, on the rank side
+        b = self.lora_B.permute(1, 0, 2).reshape(self.lora_B.shape[1], n * r)  # every expert's B, side by side
         if base_out is None:
-            return (h @ b.t()).reshape(*lead, b.shape[0])
-        return torch.addmm(base_out.reshape(-1, b.shape[0]), h.to(base_out.dtype), b.t().to(base_out.dtype)).reshape(
-            base_out.shape)
+            return torch.mm(h, b.t()).mul_(self.scaling).view(*lead, b.shape[0])
+        dtype, flat = base_out.dtype, base_out.dim() == 2
+        out = torch.addmm(base_out if flat else base_out.reshape(-1, b.shape[0]),
+                          h if h.dtype == dtype else h.to(dtype), b.t() if b.dtype == dtype else b.t().to(dtype),
+                          alpha=self.scaling)
+        return out if flat else out.view(base_out.shape)
 
     def extra_repr(self) -> str:
         n, r, d_in = self.lora_A.shape
@@ -345,18 +524,18 @@ class LoRAMoELinear(AdapterLayer):
     def route(self, x: Tensor) -> Tensor:
         """Router weights ``softmax(W_g x)`` over the experts, in float32 (sum to one)."""
         with torch.autocast(device_type=x.device.type, enabled=False):
-            return torch.softmax(F.linear(x.float(), self.router.weight.float()), dim=-1)
+            return torch.softmax(F.linear(_precise(x), _precise(self.router.weight)), dim=-1)
 
     def forward(self, x: Tensor) -> Tensor:
-        out = self.base(x)
-        weights = self.route(x)
-        out = self.experts(x, weights, base_out=out)
+        x2 = x.reshape(-1, x.shape[-1])  # every product on the (tokens, features) matrix: no reshapes inside them
+        weights = self.route(x2)
+        out = self.experts(x2, weights, base_out=self.base(x2))
         ctx = self.context
         if ctx is not None and self.training and torch.is_grad_enabled():
             types = ctx.sample_types(x.shape[0], x.device)
             if types is not None:
-                out = ctx.balance(out, weights, types)
-        return out
+                out = ctx.balance(out, weights.view(x.shape[0], -1, weights.shape[-1]), types)
+        return out.view(*x.shape[:-1], out.shape[-1])
 
 
 # ---------------------------------------------------------------------------------------------- injection
