@@ -6,11 +6,14 @@ Each test body is a plain function of ``accelerator``, ``precision`` and ``strat
 the bodies themselves are exercised on every machine. A body trains the whole stream (Split-Digits,
 5 experiences) with ``ContinualMetrics`` and checks the full accuracy matrix, the precision the forward
 ran in, the device, and what the method did (buffer filled, phases run, bank filled, only injected
-parameters and the head changed, ...).
+parameters and the head changed, ...). Under mixed precision it also compares the run with the same run in
+32-true: the untrained row of the matrix and the first training losses (the whole matrix is no measure: over
+a tiny stream the two runs drift apart by tens of points on some entries, chaotically, in either direction).
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -28,6 +31,7 @@ from cl_plugins.aux_loss import AuxLossTracker
 from datamodules import SplitDigits
 from tests._subprocess import run_script
 from tests.conftest import quiet_trainer_kwargs
+from tests.helpers import COMPARED_STEPS, StepLosses, assert_losses_track_float32
 
 VIT_KW = dict(img_size=8, patch_size=4, embed_dim=32, depth=2, num_heads=2)
 N_EXP = 5
@@ -110,22 +114,41 @@ class _ProbeEnd(pl.Callback):
             self.probe._hook = None
 
 
+def float32_start(callbacks: list[pl.Callback], make_model: Callable[[], ContinualClassifier], tmp_path: Path,
+                  accelerator: str) -> tuple[list[float], list[float]]:
+    """The untrained row of the accuracy matrix and the first ``COMPARED_STEPS`` training losses of the same run in
+    32-true: same seed, model and data, fresh copies of the (not yet fitted) callbacks."""
+    callbacks = copy.deepcopy(callbacks)
+    pl.seed_everything(0, verbose=False)
+    model = make_model()
+    metrics = ContinualMetrics(plot=False, output_dir=str(tmp_path / "float32"))
+    losses = StepLosses(stop=True)
+    trainer = pl.Trainer(**quiet_trainer_kwargs(
+        accelerator=accelerator, precision="32-true", deterministic="warn", callbacks=[*callbacks, metrics, losses]))
+    trainer.fit(model, datamodule=_digits())
+    assert metrics.initial_accuracy is not None and len(losses.losses) == COMPARED_STEPS
+    return metrics.initial_accuracy, losses.losses
+
+
 def fit_stream(callbacks: list[pl.Callback], make_model: Callable[[], ContinualClassifier], tmp_path: Path,
                accelerator: str, precision: str, strategy: Any = "auto",
                ) -> tuple[pl.Trainer, ContinualClassifier, Probe]:
     """Trains a fresh ``make_model()`` on the whole stream and checks what every body shares: a full, finite
     accuracy matrix (and the untrained row) in which some experience was learnt, a finite training loss, the
-    device, the autocast dtype of the forward, and that no parameter outside the trainable ones changed."""
+    device, the autocast dtype of the forward, that no parameter outside the trainable ones changed, and (on one
+    device) that the run starts as the 32-true run does."""
+    reference = float32_start(callbacks, make_model, tmp_path, accelerator) if strategy == "auto" else None
     pl.seed_everything(0, verbose=False)
     model = make_model()
     dm = _digits()
     metrics = ContinualMetrics(plot=False, output_dir=str(tmp_path))
     probe = Probe()
+    losses = StepLosses()
     # deterministic="warn": CUDA kernels without a deterministic implementation (e.g. attention backward)
     # warn instead of raising; the CPU tests of this file run the same settings
     trainer = pl.Trainer(**quiet_trainer_kwargs(
         accelerator=accelerator, precision=precision, strategy=strategy, deterministic="warn",
-        callbacks=[probe, *callbacks, metrics, probe.end]))
+        callbacks=[probe, *callbacks, metrics, losses, probe.end]))
     trainer.fit(model, datamodule=dm)
 
     matrix = torch.tensor(metrics.matrix, dtype=torch.float64)
@@ -143,6 +166,15 @@ def fit_stream(callbacks: list[pl.Callback], make_model: Callable[[], ContinualC
     changed = probe.changed()
     assert changed <= probe.trainable, f"frozen parameters changed: {sorted(changed - probe.trainable)}"
     assert all(torch.isfinite(v).all() for v in probe.after.values())
+
+    if reference is not None:
+        initial, first_losses = reference
+        # the untrained model in bf16 (or fp16) autocast: operands rounded to 8 (11) significant bits move the
+        # logits by about eps_bf16 of their size, which flips a prediction only where the top two logits are that
+        # close: a sample or two of a test set at most
+        for j, (got, want) in enumerate(zip(metrics.initial_accuracy, initial)):
+            assert abs(got - want) <= 2 / len(dm.test_dataset(j)), (j, metrics.initial_accuracy, initial)
+        assert_losses_track_float32(losses.losses, first_losses)
     return trainer, model, probe
 
 

@@ -26,6 +26,7 @@ from cl_plugins.peft.l2m import (
     upstream_lora_fan_in,
 )
 from cl_plugins.peft.lora import inject_lora_groups
+from tests.tolerances import FLOAT64_TOL, abs_magnitude, assert_close_accumulated
 
 
 def _pool(keys: torch.Tensor, top_k: int = 1, weight: float = 0.5) -> ModulationPool:
@@ -41,10 +42,11 @@ def test_selection_picks_the_nearest_key_by_cosine_not_by_dot_product():
     q = torch.tensor([[1.0, 1.0], [-2.0, 0.1]])
     idx, cos = select_entries(q, keys, top_k=1)
     assert idx.tolist() == [[1], [2]]
-    torch.testing.assert_close(cos[:, 0], torch.tensor([1.0, 2.0 / math.sqrt(4.01)]))
+    # a cosine: normalize both (a few eps each) and a dot product of unit vectors (|terms| sum <= 1)
+    assert_close_accumulated(cos[:, 0], torch.tensor([1.0, 2.0 / math.sqrt(4.01)], dtype=torch.float64), 4.0)
     idx2, cos2 = select_entries(q, keys, top_k=2)
     assert idx2.tolist() == [[1, 0], [2, 1]]
-    torch.testing.assert_close(cos2[0], torch.tensor([1.0, 1 / math.sqrt(2)]))
+    assert_close_accumulated(cos2[0], torch.tensor([1.0, 1 / math.sqrt(2)], dtype=torch.float64), 4.0)
 
 
 def test_key_matching_loss_value_and_one_sgd_step_pulls_keys_toward_queries():
@@ -54,9 +56,9 @@ def test_key_matching_loss_value_and_one_sgd_step_pulls_keys_toward_queries():
     pool.train()
     pool.select(q)
     # hand: sample 0 -> key 0 or 1 (tie at 1/sqrt2, topk keeps the first), 1 -> key 1, 2 -> key 1
-    cos = torch.tensor([1 / math.sqrt(2), 1 / math.sqrt(2), 2 / math.sqrt(5)])
+    cos = torch.tensor([1 / math.sqrt(2), 1 / math.sqrt(2), 2 / math.sqrt(5)], dtype=torch.float64)
     expected = 0.5 * (1 - cos).mean()
-    torch.testing.assert_close(pool.last_key_loss, expected)
+    assert_close_accumulated(pool.last_key_loss, expected, 4.0)  # a mean of 1 - cos, each cosine as above
     before = key_matching_loss(select_entries(q, pool.keys.detach(), 1)[1]).item()
     opt = torch.optim.SGD([pool.keys], lr=0.5)
     pool.last_key_loss.backward()
@@ -72,7 +74,8 @@ def test_count_penalty_steers_training_selection_only():
     counts = torch.tensor([3, 1, 0])
     # hand: freq = [0.75, 0.25, 0], inv = 1 / (freq + eps), normalised
     inv = torch.tensor([1 / (0.75 + COUNT_EPS), 1 / (0.25 + COUNT_EPS), 1 / COUNT_EPS], dtype=torch.float64)
-    torch.testing.assert_close(inverse_frequency(counts), (inv / inv.sum()).float())
+    # a float32 sum of 3 positive terms and a division: a few eps of each normalised entry
+    assert_close_accumulated(inverse_frequency(counts), inv / inv.sum(), 4 * inv / inv.sum())
     pool.train()
     assert pool.select(q).tolist() == [[0]]  # uniform penalty = plain cosine ranking
     pool.set_count_penalty(counts)
@@ -105,28 +108,37 @@ def _lora_layer(pool, d_in=5, d_out=6, rank=2, out_index=None, seed=0):
     return layer
 
 
+def _pooled_lora_reference(layer: PooledLoRALinear, x: torch.Tensor, entries: list[int]):
+    """``x W^T + b`` with ``W = W0 + s * mean_{i in entries} B_i A_i`` in float64, and the same on absolute values:
+    the magnitude of the terms the layer sums."""
+    def f(x_, w0, b0, lora_b, lora_a):
+        update = sum(lora_b[i] @ lora_a[i] for i in entries) * layer.scaling / len(entries)
+        return x_ @ (w0 + update).t() + b0
+
+    args = (x, layer.base.weight, layer.base.bias, layer.lora_B, layer.lora_A)
+    return f(*[a.detach().double() for a in args]), abs_magnitude(f, *args)
+
+
 def test_lora_layer_mixed_selection_in_one_batch_matches_per_sample_hand_computation():
     pool = _pool(torch.randn(3, 4))
     layer = _lora_layer(pool)
     x = torch.randn(4, 7, 5)  # 4 samples of 7 tokens
     pool.state.idx = torch.tensor([[0], [2], [1], [2]])
     out = layer(x)
-    s = 3.0 / 2
+    assert layer.scaling == 3.0 / 2
     for b, i in enumerate([0, 2, 1, 2]):
-        w = layer.base.weight + s * layer.lora_B[i] @ layer.lora_A[i]
-        torch.testing.assert_close(out[b], x[b] @ w.t() + layer.base.bias)
+        assert_close_accumulated(out[b], *_pooled_lora_reference(layer, x[b], [i]))
     # top-2: the mean of the two selected updates
     pool.state.idx = torch.tensor([[0, 1], [2, 0], [1, 1], [2, 1]])
     out2 = layer(x)
     for b, (i, j) in enumerate([(0, 1), (2, 0), (1, 1), (2, 1)]):
-        upd = s * (layer.lora_B[i] @ layer.lora_A[i] + layer.lora_B[j] @ layer.lora_A[j]) / 2
-        torch.testing.assert_close(out2[b], x[b] @ (layer.base.weight + upd).t() + layer.base.bias)
+        assert_close_accumulated(out2[b], *_pooled_lora_reference(layer, x[b], [i, j]))
     # 2-D inputs (no token axis) too
     x2 = torch.randn(4, 5)
     pool.state.idx = torch.tensor([[1], [1], [0], [2]])
+    out3 = layer(x2)
     for b, i in enumerate([1, 1, 0, 2]):
-        w = layer.base.weight + s * layer.lora_B[i] @ layer.lora_A[i]
-        torch.testing.assert_close(layer(x2)[b], x2[b] @ w.t() + layer.base.bias)
+        assert_close_accumulated(out3[b], *_pooled_lora_reference(layer, x2[b], [i]))
 
 
 def test_lora_on_fused_qkv_touches_only_the_q_and_v_slices():
@@ -137,10 +149,13 @@ def test_lora_on_fused_qkv_touches_only_the_q_and_v_slices():
     x = torch.randn(3, 2, 4)
     pool.state.idx = torch.tensor([[1], [0], [1]])
     out, base = layer(x), layer.base(x)
-    torch.testing.assert_close(out[..., 4:8], base[..., 4:8])  # k untouched
+    assert torch.equal(out[..., 4:8], base[..., 4:8])  # k untouched
     for b, i in enumerate([1, 0, 1]):
-        delta = 1.5 * x[b] @ (layer.lora_B[i] @ layer.lora_A[i]).t()
-        torch.testing.assert_close(out[b][..., index], base[b][..., index] + delta)
+        def f(x_, w0, b0, lora_b, lora_a, i=i):
+            return (x_ @ w0.t() + b0)[..., index] + 1.5 * x_ @ (lora_b[i] @ lora_a[i]).t()
+
+        args = (x[b], layer.base.weight, layer.base.bias, layer.lora_B, layer.lora_A)
+        assert_close_accumulated(out[b][..., index], f(*[a.detach().double() for a in args]), abs_magnitude(f, *args))
 
 
 def test_lora_starts_at_the_base_layer_and_only_selected_entries_get_gradient():
@@ -181,11 +196,18 @@ def test_ia3_output_and_input_scaling_match_hand_computation():
     pool.state.idx = torch.tensor([[0, 2], [1, 1]])
     y, z = out_layer(x), in_layer(h)
     for b, (i, j) in enumerate([(0, 2), (1, 1)]):
-        full = torch.ones(12)
-        full[4:] = (out_layer.scale[i] + out_layer.scale[j]) / 2
-        torch.testing.assert_close(y[b], out_layer.base(x[b]) * full)
-        s = (in_layer.scale[i] + in_layer.scale[j]) / 2
-        torch.testing.assert_close(z[b], in_layer.base(h[b] * s))
+        # references in float64, magnitudes: the same on absolute values
+        def out_ref(x_, w0, b0, scale, i=i, j=j):
+            full = torch.ones(12, dtype=x_.dtype)
+            full[4:] = (scale[i] + scale[j]) / 2
+            return (x_ @ w0.t() + b0) * full
+
+        def in_ref(h_, w0, b0, scale, i=i, j=j):
+            return (h_ * (scale[i] + scale[j]) / 2) @ w0.t() + b0
+
+        for got, ref, layer, inp in ((y[b], out_ref, out_layer, x[b]), (z[b], in_ref, in_layer, h[b])):
+            args = (inp, layer.base.weight, layer.base.bias, layer.scale)
+            assert_close_accumulated(got, ref(*[a.detach().double() for a in args]), abs_magnitude(ref, *args))
 
 
 def test_masked_token_mean_skips_padding():
@@ -218,22 +240,25 @@ def test_selection_is_per_sample_and_depends_only_on_x(modulator):
         assert placement.output == {"blocks.0.attn.qkv": "kv"} and placement.input == ["blocks.0.mlp.fc2"]
     _, qmod = find_query_module(model, None, placement.preset)
     QueryHooks(pool, model, "embedding", qmod).install()
-    x = torch.randn(6, 1, 8, 8)
+    # in float64: batching, the query pass and the modulated layers change only the order of float64 sums (the
+    # selection casts the query to float32: the same float32 query, alone or batched)
+    model.double()
+    x = torch.randn(6, 1, 8, 8, dtype=torch.float64)
     model.eval()
-    torch.testing.assert_close(model(x), reference.eval()(x))  # starts at the pretrained model
+    torch.testing.assert_close(model(x), reference.double().eval()(x), **FLOAT64_TOL)  # starts at the pretrained model
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad and p is not pool.keys:
                 p.add_(0.3 * torch.randn_like(p))
-        pool.keys.copy_(torch.randn(4, 16) * 0.05 + pool.keys)
+        pool.keys.copy_(torch.randn(4, 16, dtype=torch.float64) * 0.05 + pool.keys)
         chosen = []
         hook = model.blocks[0].attn.qkv.register_forward_pre_hook(lambda m, a: chosen.append(pool.state.idx.clone()))
         batched = model(x)
         hook.remove()
         alone = torch.cat([model(x[i: i + 1]) for i in range(6)])
         reversed_ = model(x.flip(0)).flip(0)
-    torch.testing.assert_close(batched, alone)
-    torch.testing.assert_close(batched, reversed_)
+    torch.testing.assert_close(batched, alone, **FLOAT64_TOL)
+    torch.testing.assert_close(batched, reversed_, **FLOAT64_TOL)
     assert len(set(chosen[0].flatten().tolist())) > 1, "expected a batch that mixes pool entries"
     assert pool.state.idx is None  # cleared after the forward
 
@@ -374,7 +399,8 @@ def test_query_hooks_mask_padding_from_the_query_modules_ids_and_reject_a_tap_th
     ids = torch.tensor([[3, 4, 0, 0], [5, 0, 0, 0]])
     model(ids)
     emb = model[0](ids).detach()
-    torch.testing.assert_close(seen[0], torch.stack([emb[0, :2].mean(0), emb[1, 0]]))
+    # means of at most 2 LayerNorm outputs of size <= 2 (4 features)
+    assert_close_accumulated(seen[0], torch.stack([emb[0, :2].double().mean(0), emb[1, 0].double()]), 2 * 2.0)
     hooks.remove()
     QueryHooks(pool, model, "embedding", model[0], query_tap=model[0].unused).install()
     with pytest.raises(RuntimeError, match="query tap .* did not run inside the query module"):

@@ -9,7 +9,7 @@ from callbacks.lora import LoRA
 from cl_plugins.models import ContinualClassifier
 from datamodules.digits import SplitDigits
 from tests.conftest import quiet_trainer_kwargs
-from tests.test_pego import BERT_CFG, _changed, _token_stream, _vit
+from tests.test_pego import BERT_CFG, _changed, _merged_layers_compute_the_unmerged_function, _token_stream, _vit
 
 
 def test_vit_lora_trains_only_the_adapters_and_head_and_merges_to_the_same_function():
@@ -24,13 +24,8 @@ def test_vit_lora_trains_only_the_adapters_and_head_and_merges_to_the_same_funct
     assert all(m.num_loras == 1 and m.rank == 8 and m.scaling == 2.0 for m in layers.values())
     assert lora.is_merged(model)
     assert not [k for k in trainer.callback_metrics if k.startswith("pego/")]  # no regularizer in the baseline
-    x = torch.randn(16, 1, 8, 8)
-    model.eval()
-    with torch.no_grad():
-        merged = model(x)
-        lora.unmerge(model)
-        unmerged = model(x)
-    torch.testing.assert_close(merged, unmerged, rtol=1e-4, atol=1e-5)
+    _merged_layers_compute_the_unmerged_function(model.net)
+    lora.unmerge(model)
     changed = _changed(before, model)
     assert all(".lora_" in n or n.startswith("net.head.") for n in changed), changed
     assert {f"net.blocks.{i}.attn.{n}.lora_B.0" for i in range(2) for n in ("qkv", "proj")} <= changed

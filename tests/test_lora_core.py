@@ -14,6 +14,13 @@ from cl_plugins.models import ContinualClassifier
 from cl_plugins.peft.adapters import fused_qkv_rows
 from cl_plugins.peft.lora import LoRAGroupLinear, inject_lora_groups, peft_lora_state_dict
 from cl_plugins.peft.presets import detect_family
+from tests.tolerances import (
+    EPS_BF16,
+    FLOAT64_TOL,
+    abs_forward,
+    assert_close_accumulated,
+    merged_weight_magnitude,
+)
 
 VIT_KW = dict(img_size=8, patch_size=4, embed_dim=32, depth=2, num_heads=2)
 BERT_CFG = dict(vocab_size=40, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
@@ -51,8 +58,9 @@ def test_group_forward_equals_base_plus_sum_of_scaled_low_rank_updates():
     a1, a2 = torch.tensor([[1.0, 0.0, 0.0]]), torch.tensor([[0.0, 1.0, 1.0]])
     b1, b2 = torch.tensor([[1.0], [0.0], [2.0], [0.0]]), torch.tensor([[0.0], [1.0], [0.0], [-1.0]])
     xs = torch.randn(5, 7, 3)
-    want = base(xs) + 2.0 * (xs @ (b1 @ a1).T + xs @ (b2 @ a2).T)
-    torch.testing.assert_close(layer(xs), want)
+    x64, base64 = xs.double(), copy.deepcopy(base).double()
+    want = base64(x64) + 2.0 * (x64 @ (b1 @ a1).double().T + x64 @ (b2 @ a2).double().T)  # float64 reference
+    assert_close_accumulated(layer(xs), want, abs_forward(layer, xs))
     torch.testing.assert_close(layer.delta_weights()[0], 2.0 * (b1 @ a1 + b2 @ a2))
 
 
@@ -68,12 +76,12 @@ def test_fused_qkv_parts_adapt_only_query_and_value_rows():
     with torch.no_grad():
         for b in layer.lora_B:
             b.normal_()
-    want = base(x).clone()
+    want = copy.deepcopy(base).double()(x.double())  # float64 reference
     for (s, e), a, b in zip(layer.row_ranges, layer.lora_A, layer.lora_B):
-        delta = sum(b[:, i] @ a[i] for i in range(3)) * 2.0  # (alpha / r) sum_i B_i A_i
-        want[:, s:e] += x @ delta.T
+        delta = sum(b[:, i].double() @ a[i].double() for i in range(3)) * 2.0  # (alpha / r) sum_i B_i A_i
+        want[:, s:e] += x.double() @ delta.T
     out = layer(x)
-    torch.testing.assert_close(out, want)
+    assert_close_accumulated(out, want, abs_forward(layer, x))
     assert torch.equal(out[:, 4:8], base(x)[:, 4:8])  # the key rows are untouched
     with pytest.raises(ValueError, match="subset of 'qkv'"):
         fused_qkv_rows(12, "qx")
@@ -91,34 +99,37 @@ def test_merge_equals_unmerged_and_the_flag_travels_with_the_state_dict():
     x = torch.randn(5, 8)
     layer.eval()
     unmerged = layer(x)
+    # merged, unmerged, merged again: each output is the same sum of products, rounded in another order, and
+    # each weight the same |W0| + |update| rounded once more by merging and again by unmerging
+    out_mag, weight_mag = abs_forward(layer, x), merged_weight_magnitude(layer)
     keys = set(layer.state_dict())
     layer.merge()
     assert layer.merged and int(layer.lora_merged) == 1
-    torch.testing.assert_close(layer(x), unmerged, rtol=1e-5, atol=1e-5)
+    assert_close_accumulated(layer(x), unmerged, out_mag)
     # a merged layer is one linear layer: the update lives in the weight
-    torch.testing.assert_close(nn.functional.linear(x, layer.base.weight, layer.base.bias), layer(x))
+    assert_close_accumulated(nn.functional.linear(x, layer.base.weight, layer.base.bias), layer(x), out_mag)
     assert set(layer.state_dict()) == keys  # same structure merged or not
     merged_sd = copy.deepcopy(layer.state_dict())
     layer.merge()  # idempotent
     torch.testing.assert_close(layer.state_dict()["base.weight"], merged_sd["base.weight"])
     layer.unmerge()
     assert not layer.merged
-    torch.testing.assert_close(layer.base.weight, base.weight, rtol=0, atol=1e-6)
-    torch.testing.assert_close(layer(x), unmerged, rtol=1e-5, atol=1e-5)
+    assert_close_accumulated(layer.base.weight, base.weight, weight_mag)
+    assert_close_accumulated(layer(x), unmerged, out_mag)
 
     # a merged checkpoint into an unmerged module: the flag comes with the merged weights
     fresh = LoRAGroupLinear(copy.deepcopy(base), num_loras=2, rank=3, alpha=6.0, parts=fused_qkv_rows(12, "qv"))
     fresh.load_state_dict(merged_sd)
     fresh.eval()
     assert fresh.merged
-    torch.testing.assert_close(fresh(x), unmerged, rtol=1e-5, atol=1e-5)
+    assert_close_accumulated(fresh(x), unmerged, out_mag)
     fresh.unmerge()
-    torch.testing.assert_close(fresh.base.weight, base.weight, rtol=0, atol=1e-6)
+    assert_close_accumulated(fresh.base.weight, base.weight, weight_mag)
     # an unmerged checkpoint into a merged module
     layer.merge()
     layer.load_state_dict(fresh.state_dict())
     assert not layer.merged
-    torch.testing.assert_close(layer(x), unmerged, rtol=1e-5, atol=1e-5)
+    assert_close_accumulated(layer(x), unmerged, out_mag)
 
     # training a merged layer would not reach the group: refused with a clear message
     layer.merge()
@@ -139,7 +150,9 @@ def test_bf16_autocast_forward_and_float32_merge():
         y = layer(x)
         deltas = layer.delta_weights()
     assert y.dtype == torch.bfloat16 and deltas[0].dtype == torch.float32
-    torch.testing.assert_close(y.float(), layer(x), rtol=3e-2, atol=3e-2)
+    # autocast rounds x, W0, A, B, the rank-4 intermediate and the output to bf16 (eps_bf16 / 2 each, relative to
+    # the size of the products they enter): at most 2 eps_bf16 of sum |terms| (float32 accumulation adds ~nothing)
+    assert_close_accumulated(y, layer(x), 2 * abs_forward(layer, x), ulps=1, eps=EPS_BF16)
 
 
 def test_constructor_errors_are_explicit():
@@ -211,14 +224,14 @@ def test_export_to_peft_computes_the_same_function():
     peft_model = get_peft_model(reference, LoraConfig(**config))
     result = set_peft_model_state_dict(peft_model, state)
     assert not result.unexpected_keys
-    model.eval()
-    peft_model.eval()
-    x = torch.randn(3, 1, 8, 8)
+    model.eval().double()  # both in float64: they agree to float64 rounding, on any CPU
+    peft_model.eval().double()
+    x = torch.randn(3, 1, 8, 8, dtype=torch.float64)
     with torch.no_grad():
         ours, theirs = model(x), peft_model(x)
         with peft_model.disable_adapter():
             plain = peft_model(x)
-    torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(theirs, ours, **FLOAT64_TOL)
     assert (plain - ours).abs().max() > 1e-3  # the adapters do change the function
     next(iter(layers.values())).merge()
     with pytest.raises(RuntimeError, match="unmerge"):

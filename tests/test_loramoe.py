@@ -21,7 +21,7 @@ from datamodules.digits import SplitDigits
 from datamodules.stream import ContinualDataModule
 from tests._subprocess import run_script
 from tests.conftest import quiet_trainer_kwargs
-from tests.helpers import StopAfter
+from tests.helpers import StepLosses, StopAfter, assert_losses_track_float32
 
 VIT_KW = dict(img_size=8, patch_size=4, embed_dim=32, depth=2, num_heads=2)
 BERT_CFG = dict(vocab_size=40, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
@@ -127,14 +127,21 @@ def test_bert_ffn_placement_on_a_token_stream():
         pl.Trainer(**quiet_trainer_kwargs(callbacks=[LoRAMoE(num_experts=4)])).fit(model, datamodule=dm)
 
 
-def test_bf16_mixed_trains_with_float32_router_and_constraint():
+def _fit_experience_0(precision: str, moe: LoRAMoE) -> tuple[pl.Trainer, ContinualClassifier, StepLosses]:
     pl.seed_everything(0)
     dm = SplitDigits(n_experiences=5, epochs_per_experience=1, batch_size=32, experience=0)
     model = _vit()
-    moe = LoRAMoE()
-    trainer = pl.Trainer(**quiet_trainer_kwargs(callbacks=[moe], precision="bf16-mixed", limit_val_batches=1))
+    losses = StepLosses(stop=precision == "32-true")  # the 32-true reference: its first steps only
+    trainer = pl.Trainer(**quiet_trainer_kwargs(callbacks=[moe, losses], precision=precision, limit_val_batches=1))
     trainer.fit(model, datamodule=dm)
+    return trainer, model, losses
+
+
+def test_bf16_mixed_trains_with_float32_router_and_constraint():
+    moe = LoRAMoE()
+    trainer, model, losses = _fit_experience_0("bf16-mixed", moe)
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
+    assert_losses_track_float32(losses.losses, _fit_experience_0("32-true", LoRAMoE())[2].losses)
     assert torch.isfinite(trainer.callback_metrics["loramoe/balance_loss_epoch"])
     assert model.net.blocks[1].mlp.fc2.experts.lora_B.abs().sum() > 0
     model.train()
@@ -222,36 +229,50 @@ def test_one_fit_per_experience_reuses_the_injection_with_a_new_callback():
 
 
 
-class _SeedPerStep(pl.Callback):
-    """Expert dropout draws from the global RNG, which Lightning does not checkpoint: seed each step
-    so that a resumed run draws the same masks as the uninterrupted one."""
+class _CountDropout(pl.Callback):
+    """Counts the training forwards of the experts' dropout, which draws its masks from the global torch RNG."""
 
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        torch.manual_seed(1000 + trainer.global_step)
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def on_train_start(self, trainer, pl_module):
+        for layer in loramoe_layers(pl_module).values():
+            assert layer.experts.dropout.p > 0
+            layer.experts.dropout.register_forward_hook(self._count)
+
+    def _count(self, module, args, out):
+        self.calls += int(module.training)
 
 
 def _run(tmp: Path, stop_after: int | None = None, ckpt_path: str | None = None):
     pl.seed_everything(0)
     dm = SplitDigits(n_experiences=2, epochs_per_experience=2, batch_size=32)
     model = _vit()
-    moe = LoRAMoE(num_experts=4)
-    callbacks = [moe, _SeedPerStep(),
+    moe = LoRAMoE(num_experts=4)  # expert dropout 0.05 (the official value), on
+    dropout = _CountDropout()
+    callbacks = [moe, dropout,
                  ModelCheckpoint(dirpath=tmp / "ckpt", save_top_k=-1, every_n_epochs=1, filename="{epoch}")]
     if stop_after is not None:
         callbacks.append(StopAfter(stop_after))
     trainer = pl.Trainer(**quiet_trainer_kwargs(callbacks=callbacks, enable_checkpointing=True, default_root_dir=tmp,
                                                 limit_val_batches=1))
     trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
-    return trainer, model, moe
+    return trainer, model, dropout
 
 
 def test_resume_mid_stream_restores_experts_and_routers_exactly(tmp_path):
-    _, model_u, _ = _run(tmp_path / "full")
+    """No seeding beyond Lightning's own: ``seed_everything`` once per run, and in the resumed run the global RNG
+    states the stream datamodule saved in the checkpoint (Lightning does not checkpoint them), restored with its
+    state before the first resumed batch. The expert dropout masks of the resumed run are then those of the
+    uninterrupted run, so the weights end bit for bit equal; without that restore (or without the experts' and
+    routers' weights) they differ."""
+    _, model_u, dropout_u = _run(tmp_path / "full")
     _run(tmp_path / "stopped", stop_after=0)
     ckpt = tmp_path / "stopped" / "ckpt" / "epoch=1.ckpt"
     assert ckpt.exists()
-    trainer_b, model_b, _ = _run(tmp_path / "resumed", ckpt_path=str(ckpt))
+    trainer_b, model_b, dropout_b = _run(tmp_path / "resumed", ckpt_path=str(ckpt))
     assert trainer_b.current_epoch == 4
+    assert dropout_b.calls > 0 and dropout_u.calls > dropout_b.calls  # the resumed run drew masks (epochs 2-3)
     state_u, state_b = model_u.state_dict(), model_b.state_dict()
     assert state_u.keys() == state_b.keys() and "net.blocks.0.mlp.fc1.router.weight" in state_u
     for name, value in state_u.items():

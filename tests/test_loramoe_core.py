@@ -21,6 +21,7 @@ from cl_plugins.peft.loramoe import (
 from datamodules.common import permuted_benchmark
 from datamodules.digits import SplitDigits, load_digits_tensors
 from datamodules.stream import ContinualDataModule
+from tests.tolerances import EPS32, ULPS, abs_forward, assert_close_accumulated
 
 
 def _layer(d_in: int = 4, d_out: int = 3, n: int = 4, rank: int = 2, alpha: float = 4.0, context=None,
@@ -33,6 +34,15 @@ def _layer(d_in: int = 4, d_out: int = 3, n: int = 4, rank: int = 2, alpha: floa
     return layer
 
 
+def _cv_squared_magnitude(z: torch.Tensor) -> float:
+    """What ``var(z) / mean(z)^2`` of non-negative ``z`` accumulates, on absolute values: the squared deviations
+    come from entries and a mean of size ``|z| + mean``, so ``sum (z + mean)^2 / (n - 1) / mean^2`` bounds the
+    terms its float32 sums round (divided by the value's own scale, ``mean^2``)."""
+    z = z.double().flatten()
+    m = z.mean()
+    return float(((z + m) ** 2).sum() / (z.numel() - 1) / m**2)
+
+
 def test_router_weights_sum_to_one_in_float32_even_under_bf16_autocast():
     layer = _layer()
     x = torch.randn(5, 7, 4)
@@ -40,7 +50,7 @@ def test_router_weights_sum_to_one_in_float32_even_under_bf16_autocast():
         w = layer.route(x)
         y = layer(x)
     assert w.dtype == torch.float32 and w.shape == (5, 7, 4)
-    torch.testing.assert_close(w.sum(-1), torch.ones(5, 7))
+    assert_close_accumulated(w.sum(-1), torch.ones(5, 7), 4.0)  # 4 softmax weights <= 1, each a few eps off
     assert (w > 0).all()  # dense softmax: every expert weighted
     assert y.dtype == torch.bfloat16
     # a backbone already in bf16: router and experts follow its dtype, routing stays float32
@@ -67,18 +77,23 @@ def test_forward_equals_explicit_matrices():
     x = torch.tensor([[1.0, 2.0, 3.0], [0.0, -1.0, 0.5]])
     out = layer(x)
     scaling = 2.0 / 1
+    # the magnitude of the terms: the layer on absolute values with every router weight replaced by its bound 1
+    # (which also covers the few eps by which each float32 softmax weight is off)
+    magnitude = abs_forward(layer.base, x) + sum(scaling * (B[i].abs() @ (A[i].abs() @ x.abs().T)).T for i in range(2))
+    W0, b0, Wg, x64 = W0.double(), b0.double(), Wg.double(), x.double()  # the reference in float64
+    A, B = [a.double() for a in A], [b.double() for b in B]
     for j in range(2):
-        xj = x[j]
+        xj = x64[j]
         logits = Wg @ xj
         w = torch.exp(logits) / torch.exp(logits).sum()
         y = W0 @ xj + b0 + sum(w[i] * scaling * (B[i] @ (A[i] @ xj)) for i in range(2))
-        torch.testing.assert_close(out[j], y)
+        assert_close_accumulated(out[j], y, magnitude[j])
     # first row by hand: logits (1, 5); A x = (3, 4); B A x = (3, 0), (2, -4); W0 x + b = (-1.9, 4.3)
-    w1 = 1 / (1 + torch.exp(torch.tensor(4.0)))
-    expected = torch.tensor([-1.9 + 2 * (3 * w1 + 2 * (1 - w1)), 4.3 + 2 * (-4 * (1 - w1))])
-    torch.testing.assert_close(out[0], expected)
+    w1 = 1 / (1 + torch.exp(torch.tensor(4.0, dtype=torch.float64)))
+    expected = torch.stack([-1.9 + 2 * (3 * w1 + 2 * (1 - w1)), 4.3 + 2 * (-4 * (1 - w1))])
+    assert_close_accumulated(out[0], expected, magnitude[0])
     # tokens: a 3-D input gives the same per-token result
-    torch.testing.assert_close(layer(x[None])[0], out)
+    assert_close_accumulated(layer(x[None])[0], out, magnitude)
 
 
 def _dropped_inputs(experts: LoRAExperts) -> torch.Tensor:
@@ -104,7 +119,8 @@ def test_zero_initialised_experts_start_at_the_pretrained_layer_and_dropout_is_p
     experts.dropout = nn.Dropout(0.0)
     x, w = torch.randn(2, 7, 6), torch.softmax(torch.randn(2, 7, 3), dim=-1)
     train_out = experts.train()(x, w)
-    torch.testing.assert_close(train_out, experts.eval()(x, w))
+    # the same sum of products, in another order: within the rounding of their absolute values
+    assert_close_accumulated(train_out, experts.eval()(x, w), abs_forward(experts, x, w))
 
 
 def test_default_dropout_shares_one_mask_across_experts():
@@ -123,13 +139,15 @@ def test_balancing_loss_matches_a_hand_computed_value():
     expected = (10.78 / 7) / 2.05**2
     loss = localized_balancing_loss(q, types, groups, 0.1)
     assert loss.dtype == torch.float32
-    assert loss.item() == pytest.approx(expected, rel=1e-6)
-    assert loss.item() == pytest.approx(0.366448, abs=1e-6)
+    z = torch.tensor([3.3, 1.1, 1.8, 1.8, 0.9, 0.9, 4.4, 2.2])
+    tol = ULPS * EPS32 * _cv_squared_magnitude(z)  # 1.9e-5: the float32 mean, deviations, squares and sums
+    assert loss.item() == pytest.approx(expected, abs=tol)
+    assert loss.item() == pytest.approx(0.366448, abs=tol + 5e-7)  # the 6-digit literal itself is within 5e-7
     assert cv_squared(torch.tensor([5.0])).item() == 0.0
     # Q from router weights: summed over each sample's tokens
     w = torch.softmax(torch.randn(2, 5, 4), dim=-1)
-    torch.testing.assert_close(importance(w), w.sum(dim=1).t())
-    torch.testing.assert_close(importance(w).sum(dim=0), torch.full((2,), 5.0))
+    assert_close_accumulated(importance(w), w.sum(dim=1).t(), 5.0)  # sums of 5 weights <= 1
+    assert_close_accumulated(importance(w).sum(dim=0), torch.full((2,), 5.0), 4 * 5.0)  # 20 weights, each eps off
 
 
 def test_layer_term_is_beta_times_cv_squared_and_terms_sum_over_layers():
@@ -145,28 +163,44 @@ def test_layer_term_is_beta_times_cv_squared_and_terms_sum_over_layers():
     got = [p.grad.clone() for p in (l1.router.weight, l2.router.weight, l1.experts.lora_A)]
     model.zero_grad()
 
-    ctx.set_types(None)  # the reference: the same forward without the attached terms
-    w1 = l1.route(x)
-    h = torch.relu(l1(x))
-    w2 = l2.route(h)
-    out_ref = l2(h)
+    # the reference: the same forward without the attached terms, keeping the router weights each layer computed,
+    # and the terms written out on them (so that their gradients meet the output's at the same tensors)
+    ctx.set_types(None)
+    routed = []
+    for layer in (l1, l2):
+        layer.route = lambda inp, f=layer.route: routed.append(f(inp)) or routed[-1]
+    out_ref = model(x)
+    del l1.route, l2.route
+    w1, w2 = (w.reshape(*x.shape[:-1], -1) for w in routed)  # the layer routes the flattened tokens
     groups = split_experts(4, 2)
-    terms = [0.3 * cv_squared(coefficient_matrix(types, groups, 0.1) * w.sum(dim=1).t()) for w in (w1, w2)]
+    zs = [coefficient_matrix(types, groups, 0.1) * w.sum(dim=1).t() for w in (w1, w2)]
+    terms = [0.3 * cv_squared(z) for z in zs]
+    params = (l1.router.weight, l2.router.weight, l1.experts.lora_A)
+    # the same gradients added in the same places, in an order autograd may choose: within the rounding of the
+    # output's and each term's gradient (each term's scaled by the magnitude of its float32 var / mean^2)
+    parts = [torch.autograd.grad(t, params, retain_graph=True, allow_unused=True)
+             for t in (out_ref.pow(2).mean(), terms[0], terms[1])]
     (out_ref.pow(2).mean() + terms[0] + terms[1]).backward()
-    for g, p in zip(got, (l1.router.weight, l2.router.weight, l1.experts.lora_A)):
-        torch.testing.assert_close(g, p.grad)
-    assert stats["balance_loss"].item() == pytest.approx((terms[0] + terms[1]).item(), rel=1e-5)
-    torch.testing.assert_close(stats["group0_weight"] + stats["group1_weight"], torch.tensor(1.0))
+    factors = [1.0] + [_cv_squared_magnitude(z) for z in zs]
+    magnitudes = []
+    for k, (g, p) in enumerate(zip(got, params)):
+        pieces = [torch.zeros_like(g) if part[k] is None else part[k] for part in parts]
+        magnitudes.append(sum(f * q.abs() for f, q in zip(factors, pieces)))
+        assert_close_accumulated(g, p.grad, magnitudes[-1])
+    mag = sum(0.3 * _cv_squared_magnitude(z) * cv_squared(z).item() for z in zs)
+    assert stats["balance_loss"].item() == pytest.approx((terms[0] + terms[1]).item(), abs=ULPS * EPS32 * mag)
+    # shares: means of router weights <= 1 (3 samples x 5 tokens, 4 experts), each a few eps off
+    assert_close_accumulated(stats["group0_weight"] + stats["group1_weight"], torch.tensor(1.0), 4.0)
     share0 = (w1[0].mean(0)[:2].sum() + w2[0].mean(0)[:2].sum()) / 2  # type-0 sample: its group-0 share
-    torch.testing.assert_close(ctx.pop_type_stats()["type0_group0_weight"], share0)  # per epoch in a Trainer
+    assert_close_accumulated(ctx.pop_type_stats()["type0_group0_weight"], share0, 4.0)  # per epoch in a Trainer
 
     # without the statistics (log_stats=False): the same gradients and loss, no router statistics
     model.zero_grad()
     ctx.collect_stats = False
     ctx.set_types(types)
     model(x).pow(2).mean().backward()
-    for g, p in zip(got, (l1.router.weight, l2.router.weight, l1.experts.lora_A)):
-        torch.testing.assert_close(g, p.grad)
+    for g, p, m in zip(got, params, magnitudes):
+        assert_close_accumulated(p.grad, g, m)
     lean = ctx.pop_stats()
     assert set(lean) == {"balance_loss"}
     torch.testing.assert_close(lean["balance_loss"], stats["balance_loss"])

@@ -17,6 +17,7 @@ from datamodules import mnist as mnist_mod
 from datamodules.fashion import DEFAULT_FASHION_ROOT
 from datamodules.sources import balanced_subset, read_idx
 from tests.conftest import quiet_trainer_kwargs
+from tests.helpers import StepLosses, assert_losses_track_float32
 
 # per-class counts of the official MNIST files
 MNIST_TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
@@ -180,12 +181,20 @@ def test_missing_fashion_root_names_folder_and_apt(tmp_path: Path):
     assert str(tmp_path) in msg and "apt-get install dataset-fashion-mnist" in msg
 
 
-def test_split_mnist_trains_as_one_fit_in_bf16():
+def _fit_split_mnist(precision: str, losses: StepLosses) -> pl.Trainer:
     pl.seed_everything(0)
     dm = SplitMNIST(train_samples_per_class=150, test_samples_per_class=30, batch_size=20, seed=0)
     model = ContinualClassifier("mlp", num_classes=10, input_shape=dm.input_shape, lr=0.05)
-    trainer = pl.Trainer(**quiet_trainer_kwargs(precision="bf16-mixed"))
+    trainer = pl.Trainer(**quiet_trainer_kwargs(precision=precision, callbacks=[losses]))
     trainer.fit(model, datamodule=dm)
+    return trainer
+
+
+def test_split_mnist_trains_as_one_fit_in_bf16():
+    losses, reference = StepLosses(), StepLosses(stop=True)
+    trainer = _fit_split_mnist("bf16-mixed", losses)
+    _fit_split_mnist("32-true", reference)  # its first steps
+    assert_losses_track_float32(losses.losses, reference.losses)
     assert trainer.current_epoch == 5 and trainer.max_epochs == 5
     acc = [float(trainer.callback_metrics[f"val/acc_exp{j}"]) for j in range(5)]
     assert all(np.isfinite(acc))
