@@ -4,8 +4,9 @@ A frozen pretrained transformer gets a *modulation pool*: ``M`` learnable keys `
 every targeted linear layer, ``M`` modulators (LoRA matrices, or (IA)^3 scaling vectors). For each
 sample, a query ``q`` computed from the frozen model's embedding of the input selects the entry
 whose key has the highest cosine similarity; that entry's modulators are applied to the sample.
-Keys are pulled toward the queries that select them by the key-matching loss ``1 - cos(q, k)``;
-modulators learn from the task loss. No task id is used, in training or at test time.
+Keys move to the queries that select them (the minimiser of the key-matching loss ``1 - cos(q, k)``
+by default, ``key_update="mean"``; see ``docs/methods/l2m-key-selection.md``); modulators learn from
+the task loss. No task id is used, in training or at test time.
 
 Plain torch: :func:`install_l2m` wraps the target layers and installs the query hooks on any
 ``nn.Module``; ``callbacks.l2m.L2M`` does it from a Lightning callback.
