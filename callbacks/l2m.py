@@ -2,10 +2,12 @@
 
 The method, its defaults and how they follow the official code: ``docs/methods/l2m.md``.
 The callback injects the pool in ``setup()`` (before the optimizer is built), computes the query in
-forward hooks (no change to the user's ``training_step``), attaches the key-matching loss with
-:meth:`ContinualCallback.attach_loss` (logged as ``l2m/key_loss``), counts which keys each
-experience selects in training (``key_histograms``; logged as ``l2m/key{i}_frac`` at the end of the
-experience) and sets the count penalty at the start of each experience.
+forward hooks (no change to the user's ``training_step``), learns the keys (``key_update="mean"``, the
+default: after each training batch every selected key becomes the mean direction of the queries that
+selected it, summed over DDP ranks; ``"gradient"``: the key-matching loss is attached with
+:meth:`ContinualCallback.attach_loss`; the key loss is logged as ``l2m/key_loss`` in both), counts
+which keys each experience selects in training (``key_histograms``; logged as ``l2m/key{i}_frac`` at
+the end of the experience) and sets the count penalty at the start of each experience.
 
 It also counts the keys selected in evaluation, per test experience (``eval_key_histograms``: one
 ``bincount`` per eval batch, one all-reduce per eval pass), so training and test selection can be
@@ -26,6 +28,7 @@ from torch import Tensor
 from callbacks.injection import InjectionCallback
 from cl_plugins.peft.l2m import (
     DEFAULT_KEY_LOSS_WEIGHT,
+    DEFAULT_KEY_UPDATE,
     DEFAULT_POOL_SIZE,
     DEFAULT_RANK,
     DEFAULT_TOP_K,
@@ -62,6 +65,15 @@ class L2M(InjectionCallback):
             forward per step).
         key_loss_weight: weight of ``1 - cos(q, k_selected)`` (official ``pull_constraint_coef``
             0.5); 0 freezes the keys.
+        key_update: ``"mean"`` (default): after each training batch, every key that training samples
+            selected is set to the mean direction of all the (unit) queries that have selected it, the
+            minimiser of the key loss over them; the keys are a buffer outside the optimizer. This is
+            the state upstream's keys reach in its 100k steps per task (AdamW, lr 1e-4), reached at any
+            budget, so that test-time selection (plain cosine) finds the keys each task trained.
+            ``"gradient"``: upstream's mechanism (the key loss through the user's optimizer); at a few
+            hundred steps per experience the keys barely leave their random start and later
+            experiences' test samples select other experiences' keys (see
+            ``docs/methods/l2m-key-selection.md``).
         alpha: LoRA ``alpha`` (default ``2 * rank``, as upstream).
         count_penalty: from the second experience on, penalise keys that earlier experiences
             selected, in training only (upstream default for L2M).
@@ -116,6 +128,7 @@ class L2M(InjectionCallback):
         alpha: float | None = None,
         count_penalty: bool = True,
         key_init: str = "uniform",
+        key_update: str = DEFAULT_KEY_UPDATE,
         input_targets: Sequence[str] | None = None,
         qkv_parts: str | None = None,
         query_module: str | None = None,
@@ -140,6 +153,9 @@ class L2M(InjectionCallback):
             raise ValueError(f"key_loss_weight must be >= 0, got {key_loss_weight}")
         if lora_init not in ("upstream", "linear"):
             raise ValueError(f"lora_init must be 'upstream' or 'linear', got {lora_init!r}")
+        if key_update not in ("mean", "gradient"):
+            raise ValueError(f"key_update must be 'mean' or 'gradient', got {key_update!r}")
+        self.key_update = key_update
         self.targets = None if targets is None else list(targets)
         self.pool_size, self.top_k, self.rank, self.alpha = pool_size, top_k, rank, alpha
         self.modulator, self.query = modulator, query
@@ -164,8 +180,14 @@ class L2M(InjectionCallback):
         pool = getattr(pl_module, POOL_NAME, None)
         if not isinstance(pool, ModulationPool):
             raise RuntimeError(f"L2M: the module has no '{POOL_NAME}' after injection")
+        if pool.key_update != self.key_update:
+            raise ValueError(
+                f"L2M(key_update={self.key_update!r}) on a module whose pool was injected with "
+                f"key_update={pool.key_update!r}: use the same key_update for every fit of this module"
+            )
         self.pool = pool
         pool.state.loss_hook = self._attach_key_loss
+        pool.auto_key_update = False  # applied in on_train_batch_end, summed over DDP ranks
 
     def _attach_key_loss(self, output: Tensor, term: Tensor) -> Tensor:
         return self.attach_loss(output, term, "l2m/key_loss")
@@ -197,7 +219,7 @@ class L2M(InjectionCallback):
         pool, placement = install_l2m(
             pl_module, key_dim, modulator=self.modulator, pool_size=self.pool_size, top_k=self.top_k, rank=self.rank,
             alpha=self.alpha, key_loss_weight=self.key_loss_weight, key_init=self.key_init, pool_name=POOL_NAME,
-            placement=placement, lora_init=self.lora_init,  # type: ignore[arg-type]
+            placement=placement, lora_init=self.lora_init, key_update=self.key_update,  # type: ignore[arg-type]
         )
         pad = self.pad_token_id if self.pad_token_id is not None else find_pad_token_id(pl_module)
         self.hooks = QueryHooks(pool, root, self.query, query_module, head, pad, query_tap=tap).install()
@@ -213,9 +235,19 @@ class L2M(InjectionCallback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        pool = self._pool()
+        distributed = (trainer.world_size > 1 and torch.distributed.is_available()
+                       and torch.distributed.is_initialized())
+        if pool.key_update == "mean":
+            if pool.state.key_sums is not None and pool.last_key_loss is not None:
+                self.aux.record("l2m/key_loss", pool.last_key_loss)  # monitoring only: no gradient in this mode
+            sums = pool.pop_key_sums()
+            if distributed:
+                torch.distributed.all_reduce(sums)
+            pool.apply_key_update(sums)
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-        counts = self._pool().pop_counts()
-        if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        counts = pool.pop_counts()
+        if distributed:
             torch.distributed.all_reduce(counts)
         exp = self.stream(trainer).experience_at_epoch(trainer.current_epoch)
         prev = self._counts.get(exp)
@@ -320,9 +352,18 @@ class L2M(InjectionCallback):
 
     # ------------------------------------------------------------------ checkpoint state
     def state_dict(self) -> dict[str, Any]:
-        return {"key_counts": self.key_histograms, "eval_key_counts": self.eval_key_histograms}
+        return {"key_counts": self.key_histograms, "eval_key_counts": self.eval_key_histograms,
+                "key_update": self.key_update}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # checkpoints written before key_update existed learnt the keys by gradient (a parameter in the optimizer)
+        saved = state_dict.get("key_update", "gradient")
+        if saved != self.key_update:
+            raise ValueError(
+                f"the checkpoint's L2M learnt its keys with key_update={saved!r}, this callback has "
+                f"key_update={self.key_update!r}: resume with L2M(key_update={saved!r}) (the keys are a "
+                "parameter of the optimizer in 'gradient' mode and a buffer in 'mean' mode)"
+            )
         self._counts = {int(e): torch.tensor(c, dtype=torch.long) for e, c in state_dict["key_counts"].items()}
         # checkpoints written before evaluation counts were kept have no "eval_key_counts"
         self._eval_counts = {

@@ -13,7 +13,12 @@ The callback
 - logs ``loramoe/balance_loss`` (summed over layers), ``loramoe/group{g}_weight`` and
   ``loramoe/expert{n}_load`` every step, ``loramoe/type{s}_group{g}_weight`` every epoch.
 
-Sample types in a stream (``sample_type``):
+Sample types in a stream (``sample_type``). Type 0 is "world knowledge / retained" (the first
+``num_knowledge_experts`` experts are its group), type 1 "new task". The official code codes them the
+other way round: its ``task_type == 1`` is world knowledge (closed-book QA in its data) and is paired
+with the *first* half of the experts, ``task_type == 0`` the downstream tasks with the second half
+(``peft/tuners/lora.py``, the ``blcls`` term); so official labels port as ``type = 1 - task_type``
+with the same expert order (see ``docs/methods/loramoe-in-a-stream.md``).
 
 - ``"experience"`` (default): a sample's type is 0 when the experience its data comes from is one
   of the first ``knowledge_experiences`` (default 1), else 1. The source experience is read per
@@ -30,6 +35,14 @@ own labels.
 
 The types are checked on the device, without a host sync in the step; a bad one fails the fit at the
 end of its epoch.
+
+In a stream, use LoRAMoE with a small replay buffer (:class:`callbacks.ExperienceReplay`): the paper
+trains on both data types in every batch, and with ``"experience"`` typing the replayed samples of
+the first experience are knowledge-typed, so the balancing constraint keeps holding the knowledge
+experts in place after it. Without replay (or another source of knowledge-typed samples, e.g. a
+``sample_type`` callable over batches that mix in general data) no knowledge-typed sample follows
+the knowledge experiences; the callback counts the types of each experience's training samples
+(``type_counts``) and warns at the end of an experience that had none.
 
 With k-FPF (:class:`callbacks.kfpf.KFPF`): k-FPF's buffer phases fine-tune the modules it selects
 with their own optimizer. Its defaults select the normalization layers and the first convolution /
@@ -49,6 +62,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from callbacks.injection import InjectionCallback
@@ -163,6 +177,9 @@ class LoRAMoE(InjectionCallback, ReplayForwardListener):
         self._task_lookup: Tensor | None = None
         self._trainer: pl.Trainer | None = None
         self._step_batch: Any = None
+        #: per experience, training samples of type 0 and 1 (device tensors, read at experience ends)
+        self._type_counts: dict[int, Tensor] = {}
+        self._warned_no_knowledge = False
 
     @property
     def state_key(self) -> str:
@@ -238,7 +255,40 @@ class LoRAMoE(InjectionCallback, ReplayForwardListener):
             self._task_lookup = lut
 
     def resolve_types(self, batch: Any) -> Tensor:
-        """Type (0 or 1) of every sample of ``batch`` under ``sample_type`` (-1: a label no experience has)."""
+        """Type (0 or 1) of every sample of ``batch`` under ``sample_type`` (-1: a label no experience has);
+        counted per experience while ``fit`` trains (on the device, no host sync)."""
+        types = self._resolve_types(batch)
+        if self._trainer is not None and self._trainer.training and types.numel():
+            exp = self.stream(self._trainer).current_experience
+            flat = types.flatten()
+            counts = torch.stack([(flat == 0).sum(), (flat == 1).sum()])
+            prev = self._type_counts.get(exp)
+            self._type_counts[exp] = counts if prev is None else prev + counts.to(prev.device)
+        return types
+
+    @property
+    def type_counts(self) -> dict[int, list[int]]:
+        """``{experience: [type-0 samples, type-1 samples]}`` seen in training (this process)."""
+        return {e: [int(v) for v in c.tolist()] for e, c in sorted(self._type_counts.items())}
+
+    def on_experience_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, experience: int) -> None:
+        counts = self._type_counts.get(experience)
+        if counts is None or experience < self.knowledge_experiences or self._warned_no_knowledge:
+            return
+        if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            counts = counts.clone()
+            torch.distributed.all_reduce(counts)
+        if int(counts[0]) == 0:
+            self._warned_no_knowledge = True
+            rank_zero_warn(
+                f"LoRAMoE: experience {experience} trained on no knowledge-typed (type 0) sample, so the balancing "
+                "constraint did not hold the knowledge experts in place. The paper mixes both types in every batch: "
+                "add a small replay buffer (callbacks.ExperienceReplay, e.g. buffer_size=200; replayed samples of "
+                f"the first {self.knowledge_experiences} experience(s) are type 0) or type general data mixed into "
+                "the batches as 0 with sample_type=fn(batch)"
+            )
+
+    def _resolve_types(self, batch: Any) -> Tensor:
         if callable(self.sample_type) and not isinstance(self.sample_type, Mapping):
             out = self.sample_type(batch)
             if not isinstance(out, Tensor):

@@ -19,13 +19,15 @@ def run_stream(
     datamodule: pl.LightningDataModule,
     callbacks: Sequence[pl.Callback] = (),
     output_dir: str | None = None,
+    evaluate_initial: bool = True,
     **trainer_kwargs: Any,
 ) -> dict[str, Any]:
     """Trains ``model`` on the whole stream with ``callbacks``; returns the metrics summary, the
-    accuracy matrix and the wall time of ``fit`` in seconds."""
+    accuracy matrix and the wall time of ``fit`` in seconds. ``evaluate_initial=False`` skips the
+    evaluation of the untrained model (no forward transfer, one evaluation pass less)."""
     # without an output folder the reports go to a throwaway folder, not the working directory
     out = output_dir or tempfile.mkdtemp(prefix="cl_bench_")
-    metrics = ContinualMetrics(output_dir=out, plot=output_dir is not None)
+    metrics = ContinualMetrics(output_dir=out, plot=output_dir is not None, evaluate_initial=evaluate_initial)
     kw = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
               enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
               default_root_dir=out)

@@ -30,7 +30,9 @@ from tests.tolerances import FLOAT64_TOL, abs_magnitude, assert_close_accumulate
 
 
 def _pool(keys: torch.Tensor, top_k: int = 1, weight: float = 0.5) -> ModulationPool:
-    pool = ModulationPool(pool_size=keys.shape[0], key_dim=keys.shape[1], top_k=top_k, key_loss_weight=weight)
+    # upstream's key learning (the key loss through an optimizer); key_update="mean" is tested in test_l2m_keys.py
+    pool = ModulationPool(pool_size=keys.shape[0], key_dim=keys.shape[1], top_k=top_k, key_loss_weight=weight,
+                          key_update="gradient")
     with torch.no_grad():
         pool.keys.copy_(keys)
     return pool

@@ -4,8 +4,10 @@ A frozen pretrained transformer gets a *modulation pool*: ``M`` learnable keys a
 targeted linear layer, ``M`` modulators (LoRA matrices or (IA)^3 scaling vectors). Per sample, a
 query from the frozen model's embedding of the input selects the entry whose key is most
 cosine-similar, and that entry's modulators are applied to the sample; keys are pulled toward the
-queries that select them (``1 - cos(q, k)``), modulators learn from the task loss. No task id is
-used. Each pool tensor is one parameter per layer indexed per sample (DDP needs no
+queries that select them (by default each key is the mean direction of the queries that selected
+it, the minimiser of ``1 - cos(q, k)``; ``key_update="gradient"`` learns them as upstream does),
+modulators learn from the task loss. No task id is used.
+Each pool tensor is one parameter per layer indexed per sample (DDP needs no
 ``find_unused_parameters``). :func:`install_l2m` wraps the target layers of any ``nn.Module`` and
 :class:`QueryHooks` computes the query; ``callbacks.l2m.L2M`` does both from a Lightning callback.
 The official code's defaults, each deviation and why not Hugging Face PEFT: ``docs/methods/l2m.md``.
@@ -37,6 +39,7 @@ from cl_plugins.peft.presets import PRESETS, FamilyPreset, detect_family
 Modulator = Literal["lora", "ia3"]
 QueryMode = Literal["embedding", "pooled"]
 LoraInit = Literal["upstream", "linear"]
+KeyUpdate = Literal["mean", "gradient"]
 
 #: paper / official-code defaults (configs/agent_params/model_kwargs/prompt_kwargs/l2m_lora.yaml)
 DEFAULT_POOL_SIZE = 30
@@ -46,6 +49,9 @@ DEFAULT_TOP_K = 1
 DEFAULT_KEY_LOSS_WEIGHT = 0.5
 #: ``1 / (freq + eps)`` in the count penalty, as upstream
 COUNT_EPS = 1e-6
+#: how the keys learn by default: each key is the minimiser of the key loss over the training queries that
+#: selected it (the state upstream's keys converge to), see docs/methods/l2m-key-selection.md
+DEFAULT_KEY_UPDATE: KeyUpdate = "mean"
 
 
 def _lora_targets(family: FamilyPreset) -> tuple[str, ...]:
@@ -152,7 +158,8 @@ class SelectionState:
     ``idx`` is the current per-sample selection ``(B, k)``; ``pending_loss`` the weighted key loss
     waiting to be attached to the first modulated output; ``enabled`` is off during the
     unmodulated query pass. ``counts`` / ``eval_counts`` accumulate the selections of training /
-    other (eval or no-grad) forwards until popped.
+    other (eval or no-grad) forwards until popped; ``key_sums`` (``key_update="mean"``) the sums of
+    the unit-normalised training queries per selected key, until applied.
     """
 
     idx: Tensor | None = None
@@ -161,22 +168,35 @@ class SelectionState:
     loss_hook: Callable[[Tensor, Tensor], Tensor] | None = None
     counts: Tensor | None = None
     eval_counts: Tensor | None = None
+    key_sums: Tensor | None = None
     in_query_pass: bool = False
     layer_names: list[str] = field(default_factory=list)
 
 
 class ModulationPool(nn.Module):
-    """Keys of the pool, selection, key loss and the count penalty.
+    """Keys of the pool, selection, key learning and the count penalty.
 
     Args:
         pool_size: ``M`` entries.
         key_dim: dimension of the query.
         top_k: entries per sample (their modulators are averaged).
-        key_loss_weight: weight of the key-matching loss (0 freezes the keys).
+        key_loss_weight: weight of the key-matching loss ``1 - cos(q, k_sel)`` (``key_update="gradient"``;
+            with ``"mean"`` it only scales the logged value). 0 freezes the keys in both modes.
         key_init: ``"uniform"`` (U[-1, 1], upstream default) or ``"normal"`` (N(0, 1)).
+        key_update: how the keys learn. ``"mean"`` (default): each key is the direction of the sum of
+            the unit-normalised training queries that selected it so far, i.e. the minimiser of the key
+            loss over those queries, the state upstream's keys converge to in its 100k steps per task
+            (``keys`` is then a buffer, updated by :meth:`apply_key_update` after each training step, not
+            by the optimizer). ``"gradient"``: upstream's mechanism, the key loss is attached to the
+            forward and the user's optimizer moves the keys (a parameter); at a budget of a few hundred
+            steps they stay near their random initialisation and test-time selection misses the keys a
+            task trained (see docs/methods/l2m-key-selection.md).
 
-    The buffer ``inv_freq`` (the count penalty; uniform, i.e. plain cosine ranking, until
-    :meth:`set_count_penalty` is called) is part of the state dict.
+    The buffers ``inv_freq`` (the count penalty; uniform, i.e. plain cosine ranking, until
+    :meth:`set_count_penalty` is called) and, with ``key_update="mean"``, ``key_sums`` are part of the
+    state dict. ``auto_key_update`` (default ``True``): the query hooks apply the pending key update after
+    each training forward of the root module (plain torch); the Lightning callback turns it off and
+    applies it after each training batch, all-reduced over DDP ranks.
     """
 
     def __init__(
@@ -186,6 +206,7 @@ class ModulationPool(nn.Module):
         top_k: int = DEFAULT_TOP_K,
         key_loss_weight: float = DEFAULT_KEY_LOSS_WEIGHT,
         key_init: str = "uniform",
+        key_update: KeyUpdate = DEFAULT_KEY_UPDATE,
     ) -> None:
         super().__init__()
         if pool_size < 1:
@@ -194,25 +215,40 @@ class ModulationPool(nn.Module):
             raise ValueError(f"top_k must be in [1, pool_size={pool_size}], got {top_k}")
         if key_loss_weight < 0:
             raise ValueError(f"key_loss_weight must be >= 0, got {key_loss_weight}")
+        if key_update not in ("mean", "gradient"):
+            raise ValueError(f"key_update must be 'mean' (keys = mean of their queries) or 'gradient' (keys learn "
+                             f"from the key loss through the optimizer), got {key_update!r}")
         self.pool_size, self.key_dim, self.top_k = pool_size, key_dim, top_k
         self.key_loss_weight = float(key_loss_weight)
-        self.keys = nn.Parameter(torch.empty(pool_size, key_dim))
+        self.key_update = key_update
+        keys = torch.empty(pool_size, key_dim)
         if key_init == "uniform":
-            nn.init.uniform_(self.keys, -1.0, 1.0)
+            nn.init.uniform_(keys, -1.0, 1.0)
         elif key_init == "normal":
-            nn.init.normal_(self.keys)
+            nn.init.normal_(keys)
         else:
             raise ValueError(f"key_init must be 'uniform' or 'normal', got {key_init!r}")
-        # keys without a loss never get a gradient: freeze them (DDP would flag them as unused)
-        self.keys.requires_grad_(self.key_loss_weight > 0)
+        self.keys: Tensor
+        if key_update == "gradient":
+            # keys without a loss never get a gradient: freeze them (DDP would flag them as unused)
+            self.keys = nn.Parameter(keys, requires_grad=self.key_loss_weight > 0)
+        else:
+            self.register_buffer("keys", keys)
+            self.register_buffer("key_sums", torch.zeros(pool_size, key_dim))
         self.register_buffer("inv_freq", torch.full((pool_size,), 1.0 / pool_size))
         self.state = SelectionState()
         #: the :class:`QueryHooks` feeding this pool while installed (read by ``cl_plugins.export``)
         self.query_hooks: QueryHooks | None = None
         self.last_key_loss: Tensor | None = None
+        self.auto_key_update = True
 
     def extra_repr(self) -> str:
-        return f"pool_size={self.pool_size}, key_dim={self.key_dim}, top_k={self.top_k}"
+        return f"pool_size={self.pool_size}, key_dim={self.key_dim}, top_k={self.top_k}, key_update={self.key_update}"
+
+    @property
+    def keys_learn(self) -> bool:
+        """Whether the keys move in training (``key_loss_weight > 0``)."""
+        return self.key_loss_weight > 0
 
     # ---- count penalty
     def set_count_penalty(self, counts: Tensor | None) -> None:
@@ -229,10 +265,12 @@ class ModulationPool(nn.Module):
     def select(self, query: Tensor) -> Tensor:
         """Selects entries for ``query`` ``(B, key_dim)`` and stores them for the modulated layers.
 
-        In training (module in train mode with grad enabled) the weighted key loss is stored for
-        attachment and the selections are counted in ``counts``; the count penalty applies only
-        then. Other forwards (evaluation) count their selections in ``eval_counts`` (one
-        ``bincount`` of the batch's indices).
+        In training (module in train mode with grad enabled) the selections are counted in
+        ``counts`` and the count penalty applies; with ``key_update="gradient"`` the weighted key
+        loss is stored for attachment, with ``"mean"`` the unit-normalised queries are summed per
+        selected key for :meth:`apply_key_update` (and the key loss is only recorded, detached, in
+        ``last_key_loss``). Other forwards (evaluation) count their selections in ``eval_counts``
+        (one ``bincount`` of the batch's indices).
         """
         query = query.detach()
         training = self.training and torch.is_grad_enabled()
@@ -241,15 +279,52 @@ class ModulationPool(nn.Module):
         st = self.state
         st.idx = idx
         st.pending_loss = None
-        if training and self.keys.requires_grad:
+        if training and self.keys_learn:
             loss = self.key_loss_weight * key_matching_loss(cos)
-            st.pending_loss = loss
+            if self.key_update == "gradient":
+                st.pending_loss = loss
+            else:
+                loss = loss.detach()
+                sums = self._query_sums(query, idx)
+                st.key_sums = sums if st.key_sums is None else st.key_sums + sums
             self.last_key_loss = loss
         counts = torch.bincount(idx.flatten(), minlength=self.pool_size)
         slot = "counts" if training else "eval_counts"
         earlier = getattr(st, slot)
         setattr(st, slot, counts if earlier is None else earlier + counts)
         return idx
+
+    def _query_sums(self, query: Tensor, idx: Tensor) -> Tensor:
+        """``(M, D)``: per key, the sum of the unit-normalised queries of the samples that selected it."""
+        with torch.autocast(device_type=query.device.type, enabled=False):
+            q = F.normalize(query.float(), dim=-1, eps=1e-12)
+            k = idx.shape[1]
+            rows = q.repeat_interleave(k, dim=0) if k > 1 else q
+            out = torch.zeros(self.pool_size, q.shape[1], dtype=torch.float32, device=q.device)
+            return out.index_add_(0, idx.flatten(), rows)
+
+    def pop_key_sums(self) -> Tensor:
+        """Query sums of the training forwards since the last call (``key_update="mean"``), ``(M, D)``."""
+        sums = self.state.key_sums
+        self.state.key_sums = None
+        if sums is None:
+            return torch.zeros(self.pool_size, self.key_dim, dtype=torch.float32, device=self.keys.device)
+        return sums
+
+    @torch.no_grad()
+    def apply_key_update(self, sums: Tensor | None = None) -> None:
+        """``key_update="mean"``: adds ``sums`` (default: :meth:`pop_key_sums`) to ``key_sums`` and sets
+        every key that has been selected to the unit direction of its sum, the minimiser of
+        ``sum_q (1 - cos(q, k))`` over the queries that selected it. A no-op in ``"gradient"`` mode."""
+        if self.key_update != "mean":
+            return
+        if sums is None:
+            sums = self.pop_key_sums()
+        self.key_sums.add_(sums.to(self.key_sums.device, torch.float32))
+        norms = self.key_sums.norm(dim=1, keepdim=True)
+        seen = norms.squeeze(1) > 0
+        if bool(seen.any()):
+            self.keys[seen] = (self.key_sums[seen] / norms[seen]).to(self.keys.dtype)
 
     def _pop(self, slot: str) -> Tensor:
         counts = getattr(self.state, slot)
@@ -537,7 +612,9 @@ class QueryHooks:
     forward hook on ``query_module`` checks that the tap ran and forgets the ids.
     ``mode="pooled"``: a forward pre-hook on ``root`` first runs ``root`` once more, unmodulated,
     in eval mode and without gradients, and takes the input of ``head`` (the pooled features).
-    A forward hook on ``root`` clears the selection after each forward.
+    A forward hook on ``root`` clears the selection after each forward and, unless the pool's
+    ``auto_key_update`` is off (the Lightning callback does it after the batch), applies the pending
+    ``key_update="mean"`` update of the keys.
     """
 
     def __init__(
@@ -656,6 +733,8 @@ class QueryHooks:
     def _on_root_end(self, module: nn.Module, args: tuple, output: Any) -> None:
         if not self.pool.state.in_query_pass:
             self.pool.clear()
+            if self.pool.auto_key_update and self.pool.state.key_sums is not None:
+                self.pool.apply_key_update()
 
 
 def upstream_lora_fan_in(model: nn.Module, placement: L2MTargets, rank: int) -> int:
@@ -719,6 +798,7 @@ def install_l2m(
     key_init: str = "uniform",
     exclude: Iterable[str] = (),
     pool_name: str = "l2m_pool",
+    key_update: KeyUpdate = DEFAULT_KEY_UPDATE,
     placement: L2MTargets | None = None,
     lora_init: LoraInit = "upstream",
     occupied: Mapping[str, Iterable[str]] | None = None,
@@ -745,7 +825,7 @@ def install_l2m(
     if modulator == "lora" and lora_init == "upstream" and placement.output:
         fan_in = upstream_lora_fan_in(model, placement, rank)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    pool = ModulationPool(pool_size, key_dim, top_k, key_loss_weight, key_init).to(device)
+    pool = ModulationPool(pool_size, key_dim, top_k, key_loss_weight, key_init, key_update).to(device)
     model.add_module(pool_name, pool)
     inputs = set(placement.input)
 

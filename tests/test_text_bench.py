@@ -1,0 +1,84 @@
+"""The text benchmark's machinery: seen-only evaluation and the keys-only L2M agreement (against a real fit)."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import torch
+
+from callbacks.l2m import L2M
+from callbacks.metrics import ContinualMetrics
+from cl_plugins.models import ContinualClassifier
+from datamodules.common import split_benchmark
+from datamodules.stream import ContinualDataModule
+from examples.bench_peft_text import SeenTestEvaluation, embedding_queries, key_agreement, train_keys
+from tests.conftest import quiet_trainer_kwargs
+
+BERT_CFG = dict(vocab_size=40, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+
+
+def _token_benchmark(n: int = 96, length: int = 12, experiences: int = 2):
+    """``2 * experiences`` classes of token ids, class c drawing from its own id range; 0-padded."""
+    g = torch.Generator().manual_seed(0)
+    classes = 2 * experiences
+
+    def make(m: int) -> tuple[torch.Tensor, torch.Tensor]:
+        y = torch.arange(m) % classes
+        x = 2 + 4 * y[:, None] + torch.randint(0, 4, (m, length), generator=g)
+        lengths = torch.randint(4, length + 1, (m,), generator=g)
+        x[torch.arange(length)[None, :] >= lengths[:, None]] = 0
+        return x, y
+
+    (tx, ty), (vx, vy) = make(n), make(n)
+    return split_benchmark(tx, ty, vx, vy, n_experiences=experiences, class_order=list(range(classes)))
+
+
+class _SeenOnly(SeenTestEvaluation, ContinualDataModule):
+    unseen_samples = 5
+
+
+class _ValSizes(pl.Callback):
+    def __init__(self) -> None:
+        self.sizes: list[list[int]] = []
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.sizes.append([len(dl.dataset) for dl in trainer.val_dataloaders])
+
+
+def test_seen_only_evaluation_runs_full_test_sets_of_trained_experiences_only():
+    pl.seed_everything(0)
+    dm = _SeenOnly(benchmark=_token_benchmark(experiences=3), batch_size=16, eval_batch_size=64)
+    model = ContinualClassifier("hf-config", num_classes=6, hf_config=BERT_CFG)
+    sizes, metrics = _ValSizes(), ContinualMetrics(plot=False, evaluate_initial=False)
+    pl.Trainer(**quiet_trainer_kwargs(callbacks=[sizes, metrics], limit_train_batches=2)).fit(model, datamodule=dm)
+    full = [len(dm.test_dataset(j)) for j in range(3)]
+    assert sizes.sizes == [[full[0], 5, 5], [full[0], full[1], 5], full]
+    assert len(metrics.matrix) == 3 and metrics.summary()["avg_forgetting"] is not None
+
+
+class _InitialKeys(pl.Callback):
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.keys = pl_module.l2m_pool.keys.detach().clone()
+
+
+def test_keys_only_training_reproduces_the_callbacks_keys_and_counts():
+    """The benchmark's --l2m-keys-only mode claims to be the callback's key learning exactly: the same batches
+    (the stream's order), count penalty, selection and key update, so the same keys and histograms."""
+    pl.seed_everything(0)
+    dm = ContinualDataModule(benchmark=_token_benchmark(experiences=2), batch_size=16, seed=3)
+    model = ContinualClassifier("hf-config", num_classes=4, hf_config=BERT_CFG, optimizer="adam", lr=1e-3)
+    l2m, initial = L2M(pool_size=6), _InitialKeys()
+    pl.Trainer(**quiet_trainer_kwargs(callbacks=[l2m, initial], limit_val_batches=0)).fit(model, datamodule=dm)
+
+    def rows(e: int) -> torch.Tensor:
+        data = dm.train_dataset(e)
+        return torch.stack([torch.as_tensor(data[i][0]) for i in range(len(data))])
+
+    train_q = [embedding_queries(model, rows(e)) for e in range(2)]
+    pool, counts = train_keys(train_q, "mean", seed=3, batch_size=16, epochs=1, lr=0.0, pool_size=6,
+                              init=initial.keys)
+    assert [c.tolist() for c in counts] == [l2m.key_histograms[0], l2m.key_histograms[1]]
+    # unit vectors from sums of at most 48 unit vectors: float32 rounding only
+    torch.testing.assert_close(pool.keys, model.l2m_pool.keys, rtol=0, atol=1e-5)
+    test_q = [q[:10] for q in train_q]
+    agreement = key_agreement(pool, counts, test_q)
+    assert len(agreement) == 2 and all(0.0 <= a <= 1.0 for a in agreement)
