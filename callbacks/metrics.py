@@ -44,6 +44,12 @@ class ContinualMetrics(ContinualCallback):
     the module has it). Accuracy is micro accuracy: the fraction of the experience's test samples
     predicted right, exact under DDP because the stream's validation sampler does not pad.
 
+    On class-IL streams it also fills ``task_il_matrix``: the accuracy of each test experience with the
+    predictions restricted to that experience's classes (``outputs["task_il_preds"]``, which
+    :class:`cl_plugins.ContinualClassifier` returns; computed from ``pl_module(x)`` where the callback predicts
+    itself and the module has ``task_il_predictions``). This is the "Task-IL" figure of a class-IL run in the DER
+    paper and mammoth; it goes to ``metrics.json`` (``task_il``), ``cl/task_il_avg_acc`` and the printed table.
+
     After each experience the callback logs ``cl/avg_acc``, ``cl/avg_forgetting``, ``cl/bwt``,
     ``cl/fwt`` (undefined ones are not logged) and ``cl/acc_exp{j}`` (the new row); at the end of
     every ``fit`` rank zero writes the reports, sends the final metrics and the matrix (a heatmap image where
@@ -63,6 +69,8 @@ class ContinualMetrics(ContinualCallback):
         self.plot = plot
         self.evaluate_initial = evaluate_initial
         self.matrix: list[list[float]] = []
+        #: on class-IL streams, the same matrix with each test experience's predictions restricted to its classes
+        self.task_il_matrix: list[list[float]] = []
         self.initial_accuracy: list[float] | None = None
         self.num_test_samples: list[int] | None = None
         self.output_files: list[Path] = []
@@ -71,6 +79,7 @@ class ContinualMetrics(ContinualCallback):
         self._num_experiences: int | None = None
         self._accuracies: list[MulticlassAccuracy] = []
         self._counts = torch.zeros(0, dtype=torch.long)
+        self._task_il_counts = torch.zeros(0, dtype=torch.long)  # (2, loaders): correct, predicted
         self._collecting: int | None = None  # the experience whose row this validation fills
         self._filled: int | None = None  # the experience whose row was filled in this epoch
 
@@ -93,7 +102,15 @@ class ContinualMetrics(ContinualCallback):
             "initial_accuracy": self.initial_accuracy,
             "num_test_samples": self.num_test_samples,
             **summary,
+            "task_il": self._task_il_results(),
         }
+
+    def _task_il_results(self) -> dict[str, Any] | None:
+        """The task-IL evaluation of a class-IL run (``None`` where there is none): its matrix and metrics."""
+        if not self.task_il_matrix or len(self.task_il_matrix) != len(self.matrix):
+            return None
+        summary = continual_summary(self.task_il_matrix, None, joint=self._joint, aligned=self.aligned)
+        return {"matrix": self.task_il_matrix, **summary}
 
     def summary(self) -> dict[str, float | None]:
         """``avg_acc``, ``avg_forgetting``, ``bwt`` and ``fwt`` after the last completed experience
@@ -123,8 +140,16 @@ class ContinualMetrics(ContinualCallback):
             self.initial_accuracy = self._evaluate_untrained(trainer, pl_module)
             rank_zero_info("ContinualMetrics: initial accuracy " + ", ".join(f"{a:.3f}" for a in self.initial_accuracy))
 
+    @classmethod
+    def _predict(cls, trainer: pl.Trainer, pl_module: pl.LightningModule, x: Any, t: Tensor | None) -> Tensor:
+        return cls._predict_both(trainer, pl_module, x, t, None)[0]
+
     @staticmethod
-    def _predict(trainer: pl.Trainer, pl_module: pl.LightningModule, x: Any, t: Tensor | None) -> Tensor:
+    def _predict_both(trainer: pl.Trainer, pl_module: pl.LightningModule, x: Any, t: Tensor | None,
+                      experience: int | None) -> tuple[Tensor, Tensor | None]:
+        """Predictions, and where the module has ``task_il_predictions`` and ``experience`` is given, the
+        task-IL predictions on that test experience, from one forward."""
+        task_il = None
         with trainer.precision_plugin.val_step_context():
             logits = pl_module(x)
             if not isinstance(logits, Tensor):
@@ -133,9 +158,11 @@ class ContinualMetrics(ContinualCallback):
                     f"{type(logits).__name__}: return logits from forward, or return {{'preds': ...}} "
                     "(class indices) from validation_step"
                 )
+            if experience is not None and hasattr(pl_module, "task_il_predictions"):
+                task_il = pl_module.task_il_predictions(logits, experience)
             if t is not None and hasattr(pl_module, "masked_logits"):
                 logits = pl_module.masked_logits(logits, t, evaluation=True)
-        return logits.argmax(dim=-1)
+        return logits.argmax(dim=-1), task_il
 
     def _evaluate_untrained(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[float]:
         """Accuracy of the model before training on every test experience (DDP-summed counts)."""
@@ -194,6 +221,7 @@ class ContinualMetrics(ContinualCallback):
             for _ in range(n_loaders)
         ]
         self._counts = torch.zeros(n_loaders, dtype=torch.long, device=pl_module.device)
+        self._task_il_counts = torch.zeros(2, n_loaders, dtype=torch.long, device=pl_module.device)
         self._collecting = dm.experience_at_epoch(epoch)
 
     def on_validation_batch_end(
@@ -208,10 +236,12 @@ class ContinualMetrics(ContinualCallback):
         if self._collecting is None:
             return
         x, y = batch[0], batch[1]
+        task_il = outputs.get("task_il_preds") if isinstance(outputs, Mapping) else None
         if isinstance(outputs, Mapping) and "preds" in outputs:
             preds = outputs["preds"]
         else:
-            preds = self._predict(trainer, pl_module, x, batch[2] if len(batch) > 2 else None)
+            preds, task_il = self._predict_both(trainer, pl_module, x, batch[2] if len(batch) > 2 else None,
+                                                dataloader_idx)
         if preds.is_floating_point() and preds.dim() == y.dim() + 1:
             preds = preds.argmax(dim=-1)
         if preds.shape != y.shape:
@@ -221,19 +251,32 @@ class ContinualMetrics(ContinualCallback):
             )
         self._accuracies[dataloader_idx].update(preds.detach().to(y.device), y)
         self._counts[dataloader_idx] += y.numel()
+        if task_il is not None:
+            if task_il.shape != y.shape:
+                raise ValueError(
+                    f"validation_step's outputs['task_il_preds'] has shape {tuple(task_il.shape)} but the targets "
+                    f"have {tuple(y.shape)}: return one class index per sample"
+                )
+            self._task_il_counts[0, dataloader_idx] += (task_il.detach().to(y.device) == y).sum()
+            self._task_il_counts[1, dataloader_idx] += y.numel()
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._collecting is None:
             return
         experience, self._collecting = self._collecting, None
-        totals = trainer.strategy.reduce(self._counts, reduce_op="sum").tolist()
+        # one collective for the sample counts and the task-IL counts (the same call on every rank)
+        counts = trainer.strategy.reduce(torch.cat([self._counts[None], self._task_il_counts]), reduce_op="sum")
+        totals, (correct, predicted) = counts[0].tolist(), counts[1:].tolist()
         self._check_counts(totals, f"the validation after experience {experience}")
         row = [float(acc.compute()) for acc in self._accuracies]  # all-reduced by torchmetrics under DDP
         for acc in self._accuracies:
             acc.reset()
-        self._store_row(trainer, experience, row, totals)
+        # a task-IL row only where every test sample had a task-IL prediction (class-IL streams)
+        task_il_row = [c / n for c, n in zip(correct, totals)] if predicted == totals else None
+        self._store_row(trainer, experience, row, totals, task_il_row)
 
-    def _store_row(self, trainer: pl.Trainer, experience: int, row: list[float], totals: list[int]) -> None:
+    def _store_row(self, trainer: pl.Trainer, experience: int, row: list[float], totals: list[int],
+                   task_il_row: list[float] | None = None) -> None:
         dm = self.stream(trainer)
         if self.matrix and len(row) != len(self.matrix[0]):
             raise RuntimeError(
@@ -255,6 +298,11 @@ class ContinualMetrics(ContinualCallback):
             self.matrix.append(row)
         else:  # the same experience validated again (a resumed run repeating its final validation)
             self.matrix[experience] = row
+        if task_il_row is None:
+            self.task_il_matrix = []
+        elif len(self.task_il_matrix) >= experience:
+            del self.task_il_matrix[experience:]
+            self.task_il_matrix.append(task_il_row)
         self.num_test_samples = totals
         self._joint = dm.joint
         self._scenario = dm.scenario
@@ -289,6 +337,10 @@ class ContinualMetrics(ContinualCallback):
                 pl_module.log(f"cl/{name}", final[name], on_step=False, on_epoch=True, sync_dist=False)
         for j, acc in enumerate(self.matrix[k]):
             pl_module.log(f"cl/acc_exp{j}", acc, on_step=False, on_epoch=True, sync_dist=False)
+        task_il = self._task_il_results()
+        if task_il is not None:
+            pl_module.log("cl/task_il_avg_acc", task_il["final"]["avg_acc"], on_step=False, on_epoch=True,
+                          sync_dist=False)
         rank_zero_info(f"ContinualMetrics after experience {experience}: " + _summary_line(final))
 
     # ------------------------------------------------------------------ reports
@@ -326,6 +378,8 @@ class ContinualMetrics(ContinualCallback):
         results = self.results()
         step = trainer.global_step
         scalars = {f"cl/final/{name}": float(v) for name, v in results["final"].items() if v is not None}
+        if results["task_il"] is not None:
+            scalars["cl/final/task_il_avg_acc"] = float(results["task_il"]["final"]["avg_acc"])
         entries = {f"cl/R/after_{i}/exp_{j}": float(v)
                    for i, row in enumerate(self.matrix) for j, v in enumerate(row) if v is not None}
         image = matrix_image(self.matrix, _plot_title(results["final"])) if self.plot else None
@@ -349,12 +403,18 @@ class ContinualMetrics(ContinualCallback):
                 logger.log_metrics({**scalars, **entries}, step=step)
 
     def table(self) -> str:
-        """The accuracy matrix as the printed table, with the final summary line."""
-        return "\n".join([
+        """The accuracy matrix as the printed table, with the final summary line (and the task-IL average
+        accuracy of a class-IL run)."""
+        lines = [
             "Accuracy matrix (%): row i = after training experience i, column j = test experience j",
             format_matrix(self.matrix, self.initial_accuracy),
             _summary_line(self.results()["final"]),
-        ])
+        ]
+        task_il = self._task_il_results()
+        if task_il is not None:
+            lines.append(f"Task-IL average accuracy (each test experience among its own classes): "
+                         f"{_fmt(task_il['final']['avg_acc'])}")
+        return "\n".join(lines)
 
     def write_reports(self, output_dir: str | Path) -> list[Path]:
         """Writes ``metrics.json``, the printed table (``accuracy_matrix.txt``) and, when ``plot``,
@@ -375,6 +435,7 @@ class ContinualMetrics(ContinualCallback):
     def state_dict(self) -> dict[str, Any]:
         return {
             "matrix": [list(row) for row in self.matrix],
+            "task_il_matrix": [list(row) for row in self.task_il_matrix],
             "initial_accuracy": self.initial_accuracy,
             "num_test_samples": self.num_test_samples,
             "joint": self._joint,
@@ -386,6 +447,7 @@ class ContinualMetrics(ContinualCallback):
         if "matrix" not in state_dict:
             raise KeyError(f"not a ContinualMetrics state (keys: {sorted(state_dict)})")
         self.matrix = [[float(v) for v in row] for row in state_dict["matrix"]]
+        self.task_il_matrix = [[float(v) for v in row] for row in state_dict.get("task_il_matrix", [])]
         b = state_dict.get("initial_accuracy")
         self.initial_accuracy = None if b is None else [float(v) for v in b]
         n = state_dict.get("num_test_samples")

@@ -19,7 +19,9 @@ class ContinualClassificationMixin:
     - class-incremental streams: evaluation covers the classes seen so far
       (``mask_unseen_classes``); training uses every output;
     - validation logs ``val/loss_exp{j}`` and ``val/acc_exp{j}`` for test experience ``j`` and
-      returns ``{"preds", "target"}`` for the metrics callback;
+      returns ``{"preds", "target"}`` for the metrics callback, and on class-IL streams also
+      ``"task_il_preds"`` (the arg-max over experience ``j``'s classes: the task-IL accuracy of a class-IL
+      run, as the DER paper's tables report it);
     - ``train/loss`` is logged where Lightning writes step metrics (every ``log_every_n_steps``) and at the
       last batch of each epoch, not every step (``self.log`` costs about a small model's step); a non-finite
       training loss raises ``FloatingPointError`` with what to change at the next of those steps (checking
@@ -77,6 +79,31 @@ class ContinualClassificationMixin:
             mask = self._cache_mask(dm, key, mask.to(device))
         return mask
 
+    def _test_experience_mask(self, experience: int, num_outputs: int, device: torch.device) -> Tensor | None:
+        """The classes of test experience ``experience`` of a class-IL stream (``None`` elsewhere)."""
+        dm = self._stream()
+        if dm is None or dm.scenario != "class" or not hasattr(dm, "test_classes_in_experience"):
+            return None
+        key = ("test_exp", experience, num_outputs, device)
+        mask = self._cached_mask(dm, key)
+        if mask is None:
+            classes = dm.test_classes_in_experience
+            if experience >= len(classes):
+                return None
+            mask = torch.zeros(num_outputs, dtype=torch.bool)
+            mask[list(classes[experience])] = True
+            mask = self._cache_mask(dm, key, mask.to(device))
+        return mask
+
+    def task_il_predictions(self, logits: Tensor, experience: int) -> Tensor | None:
+        """Predictions of a class-IL model evaluated as task-IL on test experience ``experience``: the arg-max
+        over that experience's classes only (mammoth's ``mask_classes``, the "Task-IL" column of the DER
+        paper's tables). ``None`` when the stream is not class-IL."""
+        mask = self._test_experience_mask(experience, logits.shape[-1], logits.device)
+        if mask is None:
+            return None
+        return logits.masked_fill(~mask, torch.finfo(logits.dtype).min).argmax(dim=-1)
+
     def masked_logits(self, logits: Tensor, task_labels: Tensor, evaluation: bool) -> Tensor:
         """Masks logits by task (task-IL) or, in evaluation, to the seen classes (class-IL)."""
         mask = self._task_class_mask(task_labels, logits.shape[-1])
@@ -128,7 +155,8 @@ class ContinualClassificationMixin:
 
     def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
         x, y, t = batch
-        logits = self.masked_logits(self(x), t, evaluation=True)
+        raw = self(x)
+        logits = self.masked_logits(raw, t, evaluation=True)
         loss = F.cross_entropy(logits.float(), y)
         preds = logits.argmax(dim=-1)
         acc = (preds == y).float().mean()
@@ -136,7 +164,11 @@ class ContinualClassificationMixin:
                  batch_size=len(y))
         self.log(f"val/acc_exp{dataloader_idx}", acc, add_dataloader_idx=False, sync_dist=True,
                  batch_size=len(y))
-        return {"preds": preds, "target": y}
+        out = {"preds": preds, "target": y}
+        task_il = self.task_il_predictions(raw, dataloader_idx)
+        if task_il is not None:
+            out["task_il_preds"] = task_il
+        return out
 
     def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
         return self.validation_step(batch, batch_idx, dataloader_idx)

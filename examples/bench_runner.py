@@ -67,7 +67,7 @@ from examples.peers import STRATEGIES, check_peer, run_peer  # noqa: E402
 
 TOP_KEYS = {"seeds", "threads", "output_dir", "streams", "methods", "published"}
 STREAM_KEYS = {"datamodule", "model", "params", "trainer", "methods", "device"}
-METHOD_KEYS = {"callbacks", "avalanche", "args", "model"}
+METHOD_KEYS = {"callbacks", "avalanche", "args", "model", "trainer"}
 REFERENCE = "naive"
 
 
@@ -128,6 +128,9 @@ def check_config(cfg: dict[str, Any], where: str = "config") -> None:
         if "args" in spec and "avalanche" not in spec:
             raise BenchConfigError(f"{where}: method {name!r}: 'args' are an Avalanche strategy's arguments; "
                                    "our callbacks take theirs under callbacks[i].init_args")
+        if not isinstance(spec.get("trainer", {}), dict):
+            raise BenchConfigError(f"{where}: method {name!r}: 'trainer' must map Trainer arguments to values that "
+                                   f"override the stream's (e.g. {{gradient_clip_val: 1.0}}), got {spec['trainer']!r}")
         if not isinstance(spec.get("model", {}), dict):
             raise BenchConfigError(f"{where}: method {name!r}: 'model' must map ContinualClassifier arguments to "
                                    f"values that override the stream's (e.g. {{lr: 0.01}}), got {spec['model']!r}")
@@ -235,7 +238,8 @@ def run_one(cfg: dict[str, Any], stream: str, method: str, seed: int, out_dir: P
     _ = dm.benchmark  # load / decode the data before the clock and the memory counter start
     # a method's ``model`` entries (e.g. its own learning rate) override the stream's
     model = ContinualClassifier(**{**(s.get("model") or {}), **(spec.get("model") or {})})
-    trainer_kw = dict(s.get("trainer") or {})
+    # and its ``trainer`` entries (e.g. SI's gradient clipping) the stream's Trainer arguments
+    trainer_kw = {**(s.get("trainer") or {}), **(spec.get("trainer") or {})}
     cuda = trainer_kw.get("accelerator") in ("gpu", "cuda") and torch.cuda.is_available()
     device = s.get("device") or ("cuda" if cuda else "cpu")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -375,22 +379,32 @@ def run_forked(*args: Any) -> dict[str, Any]:
 PUBLISHED_METRICS = {"avg_acc": "avg acc", "task_il_avg_acc": "task-IL acc"}
 
 
-def published_value(cfg: dict[str, Any], stream: str, method: str, metric: str) -> tuple[float, float] | None:
-    """The published ``(mean, std)`` (in %) of ``metric`` for ``method`` on ``stream``, if the config gives one."""
+def published_value(cfg: dict[str, Any], stream: str, method: str,
+                    metric: str) -> tuple[float, float | None] | None:
+    """The published ``(mean, std)`` (in %) of ``metric`` for ``method`` on ``stream``, if the config gives one;
+    ``std`` is ``None`` where the source gives the mean alone (a number or ``[mean]``)."""
     entry = ((cfg.get("published") or {}).get("results") or {}).get(stream, {}).get(method, {})
     value = entry.get(metric) if isinstance(entry, dict) else None
     if value is None:
         return None
-    mean, std = (value, 0.0) if isinstance(value, (int, float)) else (value[0], value[1] if len(value) > 1 else 0.0)
-    return float(mean), float(std)
+    if isinstance(value, (int, float)):
+        return float(value), None
+    return float(value[0]), (float(value[1]) if len(value) > 1 else None)
 
 
-def agreement(ours: list[float], published: tuple[float, float], k: float = 2.0) -> str:
-    """Whether our mean lies within the published mean ± ``k`` published std (the rule stated under the table)."""
+def agreement(ours: list[float], published: tuple[float, float | None], k: float = 2.0) -> str:
+    """Whether our mean lies within the published mean ± ``k`` published std (the rule stated under the table);
+    ``std n/a`` and the difference alone where no std was published."""
     mean = statistics.mean(ours)
     diff = mean - published[0]
+    if published[1] is None:
+        return f"std n/a ({diff:+.1f})"
     ok = abs(diff) <= k * published[1]
     return f"{'yes' if ok else 'no'} ({diff:+.1f})"
+
+
+def _published_cell(published: tuple[float, float | None]) -> str:
+    return f"{published[0]:.2f}" if published[1] is None else f"{published[0]:.2f} ± {published[1]:.2f}"
 
 
 def table(results: list[dict[str, Any]], cfg: dict[str, Any]) -> str:
@@ -423,7 +437,7 @@ def table(results: list[dict[str, Any]], cfg: dict[str, Any]) -> str:
                     pub = published_value(cfg, stream, method, m)
                     ours = [100 * v for v in values if v is not None]
                     row += ["-", "-"] if pub is None or not ours else \
-                        [f"{pub[0]:.2f} ± {pub[1]:.2f}", agreement(ours, pub)]
+                        [_published_cell(pub), agreement(ours, pub)]
             row += [
                 mean_std([r["avg_forgetting"] for r in mine], 100),
                 mean_std([r["bwt"] for r in mine], 100),

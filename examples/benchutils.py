@@ -36,7 +36,9 @@ def run_stream(
     start = time.perf_counter()
     trainer.fit(model, datamodule=datamodule)
     wall = time.perf_counter() - start
-    return {**metrics.summary(), "wall_s": wall, "matrix": metrics.matrix}
+    task_il = metrics.results()["task_il"]
+    return {**metrics.summary(), "wall_s": wall, "matrix": metrics.matrix,
+            "task_il_avg_acc": None if task_il is None else task_il["final"]["avg_acc"]}
 
 
 def mean_std(values: Sequence[float | None], scale: float = 1.0, digits: int = 1) -> str:

@@ -19,8 +19,8 @@ After the warm-up steps the steps take turns: one timed without instruments (wal
   optimizer dispatch: on a GPU, roughly one kernel launch each);
 - ``op ms/step``: the self CPU time of all ATen operators (the time spent computing, without the Python
   around them);
-- ``syncs/step``: in a third kind of step, under :class:`HostSyncCounter`: the calls of this repository's
-  code (not the tests' or the examples') that need a tensor's value on the host (``.item()``, ``bool(t)``,
+- ``syncs/step``: in a third kind of step, under :class:`cl_plugins.hostsync.HostSyncCounter`: the calls of the
+  library (not the tests' or the examples') that need a tensor's value on the host (``.item()``, ``bool(t)``,
   ``int(t)``, ``.tolist()``, ``.cpu()``, boolean-mask indexing, ``nonzero``, ``unique``, ``torch.equal``): on a GPU
   each one waits for the device to finish its queue.
 
@@ -43,7 +43,6 @@ import os
 import statistics
 import sys
 import time
-import traceback
 import warnings
 from collections import Counter
 from collections.abc import Callable
@@ -57,12 +56,12 @@ import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
 from torch.autograd.profiler_util import FunctionEvent  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from callbacks import PEGO, LoRA, LoRAMoE  # noqa: E402
 from cl_plugins import ContinualClassifier  # noqa: E402
+from cl_plugins.hostsync import HostSyncCounter  # noqa: E402
 from datamodules import ContinualDataModule  # noqa: E402
 from datamodules.common import split_benchmark  # noqa: E402
 from examples.benchutils import markdown_table, write_markdown  # noqa: E402
@@ -76,78 +75,6 @@ VARIANTS: dict[str, Callable[[], list[pl.Callback]]] = {
     "PEGO": lambda: [PEGO()],
     "LoRAMoE": lambda: [LoRAMoE()],
 }
-#: ATen operators whose result depends on a tensor's values on the host (a device synchronization on a GPU)
-SYNC_OPS = frozenset({"_local_scalar_dense", "nonzero", "unique", "_unique", "_unique2", "unique_consecutive",
-                      "unique_dim", "masked_select", "equal", "repeat_interleave"})
-#: Python-level tensor methods that copy to the host (invisible to the dispatcher on CPU tensors)
-SYNC_METHODS = ("tolist", "numpy", "cpu")
-REPO = Path(__file__).resolve().parents[1]
-#: the library's folders in this repository (not tests, examples, or a virtual environment inside it)
-LIBRARY = ("cl_plugins", "callbacks", "datamodules")
-
-
-def _library_frame() -> str | None:
-    """``path:line (function)`` of the innermost stack frame in the library's code, if any."""
-    for frame in reversed(traceback.extract_stack()[:-2]):
-        path = Path(frame.filename)
-        if path.is_relative_to(REPO):
-            rel = path.relative_to(REPO)
-            if rel.parts[0] in LIBRARY:
-                return f"{rel.as_posix()}:{frame.lineno} ({frame.name})"
-    return None
-
-
-class HostSyncCounter(TorchDispatchMode):
-    """Records every host synchronization made from the library's code while active (a context manager).
-
-    An ATen call of :data:`SYNC_OPS` or an indexing with a boolean mask (which calls ``nonzero``), and a
-    call of a :data:`SYNC_METHODS` tensor method, count when the innermost stack frame of the library
-    (:data:`LIBRARY`) is on the stack; :attr:`calls` maps that frame to a count.
-    Calls made only by PyTorch, Lightning and the like are not counted. On the CPU these calls are
-    cheap: they are counted because on a GPU each of them waits for the device.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls: Counter[str] = Counter()
-        self._saved: dict[str, Any] = {}
-
-    def _record(self) -> None:
-        where = _library_frame()
-        if where is not None:
-            self.calls[where] += 1
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        name = func.overloadpacket.__name__
-        masked = name in ("index", "index_put", "index_put_") and any(
-            isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in (args[1] or ()))
-        if name in SYNC_OPS or masked:
-            self._record()
-        return func(*args, **(kwargs or {}))
-
-    def __enter__(self) -> HostSyncCounter:
-        for method in SYNC_METHODS:
-            original = getattr(torch.Tensor, method)
-            self._saved[method] = original
-
-            def wrapped(t: torch.Tensor, *a: Any, _original: Any = original, **k: Any) -> Any:
-                self._record()
-                return _original(t, *a, **k)
-
-            setattr(torch.Tensor, method, wrapped)
-        return super().__enter__()
-
-    def __exit__(self, *exc: Any) -> None:
-        for method, original in self._saved.items():
-            setattr(torch.Tensor, method, original)
-        self._saved.clear()
-        super().__exit__(*exc)
-
-    @property
-    def total(self) -> int:
-        return sum(self.calls.values())
-
-
 def step_profile(events: list[FunctionEvent]) -> dict[str, float]:
     """Top-level ATen calls and their total self CPU time (ms) in one profiled step."""
     ops = 0

@@ -1,15 +1,12 @@
 """PEGO's and LoRAMoE's training steps read no tensor on the host (on a GPU each read waits for the device).
 
-The steps after a warm-up run under :class:`examples.profile_adapters.HostSyncCounter`, which records every
+The steps after a warm-up run under :class:`cl_plugins.hostsync.HostSyncCounter`, which records every
 ``.item()`` / ``bool(t)`` / ``.tolist()`` / ``.cpu()``, boolean-mask indexing, ``nonzero``, ``unique`` and
 ``torch.equal`` made from this repository's code, by call site. The methods' own code must make none (what
 the rest of the step makes, e.g. the classification mixin's loss check, is listed in the failure message).
 """
 
 from __future__ import annotations
-
-from collections import Counter
-from typing import Any
 
 import lightning.pytorch as pl
 import pytest
@@ -18,50 +15,16 @@ import torch
 from callbacks.loramoe import LoRAMoE
 from callbacks.pego import PEGO
 from callbacks.replay import ExperienceReplay
+from cl_plugins.hostsync import HostSyncCounter, SyncWindow
 from cl_plugins.models import ContinualClassifier
 from cl_plugins.peft.loramoe import LoRAMoEContext, split_experts
 from datamodules.digits import SplitDigits
-from examples.profile_adapters import HostSyncCounter
 from tests.conftest import quiet_trainer_kwargs
 
 #: the methods' code: no host sync may come from these files
 METHOD_FILES = ("cl_plugins/peft/", "callbacks/pego.py", "callbacks/loramoe.py", "callbacks/lora.py",
                 "callbacks/injection.py")
 WARMUP, STEPS = 2, 4
-
-
-class SyncWindow(pl.Callback):
-    """First in ``callbacks=[...]`` (its :attr:`end` last): counts the host syncs of every training step
-    after ``WARMUP``, from ``on_train_batch_start`` to ``on_train_batch_end``."""
-
-    def __init__(self) -> None:
-        self.seen = 0
-        self.steps = 0
-        self.calls: Counter[str] = Counter()
-        self._counter: HostSyncCounter | None = None
-        self.end = _SyncWindowEnd(self)
-
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
-                             batch_idx: int) -> None:
-        self.seen += 1
-        if self.seen > WARMUP:
-            self._counter = HostSyncCounter().__enter__()
-
-    def stop(self) -> None:
-        if self._counter is not None:
-            self._counter.__exit__(None, None, None)
-            self.calls.update(self._counter.calls)
-            self.steps += 1
-            self._counter = None
-
-
-class _SyncWindowEnd(pl.Callback):
-    def __init__(self, window: SyncWindow) -> None:
-        self.window = window
-
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
-        self.window.stop()
 
 
 METHODS = {
@@ -78,7 +41,7 @@ def test_training_steps_make_no_host_sync_in_the_methods_code(method):
     model = ContinualClassifier("timm:vit_tiny_patch16_224", num_classes=10, in_channels=1, input_shape=(1, 8, 8),
                                 backbone_kwargs=dict(img_size=8, patch_size=4, embed_dim=32, depth=2, num_heads=2),
                                 optimizer="adam", lr=1e-3)
-    window = SyncWindow()
+    window = SyncWindow(warmup=WARMUP)
     trainer = pl.Trainer(**quiet_trainer_kwargs(callbacks=[window, *METHODS[method](), window.end],
                                                 limit_train_batches=WARMUP + STEPS, limit_val_batches=0))
     trainer.fit(model, datamodule=SplitDigits(n_experiences=2, epochs_per_experience=1, batch_size=16))

@@ -223,3 +223,34 @@ def test_published_figures_sit_beside_ours_with_the_two_std_rule():
         cfg["published"] = bad
         with pytest.raises(BenchConfigError, match=msg):
             check_config(cfg)
+
+
+def test_a_published_mean_without_std_shows_the_difference_only_and_task_il_sits_beside_it():
+    cfg = _cfg(m={})
+    cfg["published"] = {"source": "a README", "results": {"s": {"m": {"avg_acc": 50.0, "task_il_avg_acc": [90.0]}}}}
+    check_config(cfg)
+    results = [{"stream": "s", "method": "m", "seed": i, "avg_acc": a, "task_il_avg_acc": t, "avg_forgetting": 0.1,
+                "bwt": -0.1, "wall_s": 1.0, "peak_mem_mib": None, "trainable_params": 10}
+               for i, (a, t) in enumerate(((0.52, 0.95), (0.54, 0.97)))]
+    text = table(results, cfg)
+    assert "published task-IL acc (%)" in text and "| 50.00 |" in text and "| 90.00 |" in text
+    assert "std n/a (+3.0)" in text and "std n/a (+6.0)" in text and "yes" not in text
+
+
+def test_a_methods_trainer_entries_override_the_streams(monkeypatch, tmp_path):
+    import examples.bench_runner as runner
+
+    cfg = _cfg(m={"trainer": {"gradient_clip_val": 1.0}})
+    check_config(cfg)
+    seen = {}
+
+    def fake_run_stream(model, dm, callbacks, output_dir=None, **kw):
+        seen.update(kw)
+        return {"avg_acc": 0.5, "avg_forgetting": None, "bwt": None, "fwt": None, "wall_s": 0.0, "matrix": [[0.5]]}
+
+    monkeypatch.setattr(runner, "run_stream", fake_run_stream)
+    runner.run_one(cfg, "s", "m", 0, tmp_path, measure_memory=False)
+    assert seen["gradient_clip_val"] == 1.0
+    cfg["methods"]["m"]["trainer"] = [1]
+    with pytest.raises(BenchConfigError, match="'trainer' must map"):
+        check_config(cfg)

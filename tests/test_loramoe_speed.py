@@ -14,10 +14,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from callbacks.loramoe import LoRAMoE
 from cl_plugins.aux_loss import AuxLossTracker
+from cl_plugins.hostsync import HostSyncCounter
 from cl_plugins.models import ContinualClassifier
 from cl_plugins.peft.loramoe import LoRAMoEContext, LoRAMoELinear, localized_balancing_loss, split_experts
 from datamodules.digits import SplitDigits
-from examples.profile_adapters import HostSyncCounter
 from tests.conftest import quiet_trainer_kwargs
 
 F64 = torch.float64

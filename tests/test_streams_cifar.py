@@ -45,7 +45,7 @@ def test_decoded_cifar10_is_complete_and_in_label_order(cifar_archive: Path):
 
 
 def test_split_cifar10_stream(cifar_archive: Path):
-    dm = SplitCIFAR10(root=str(cifar_archive), test_samples_per_class=50, batch_size=64)
+    dm = SplitCIFAR10(root=str(cifar_archive), test_samples_per_class=50, batch_size=64, eval_batch_size=64)
     assert dm.num_experiences == 5 and dm.scenario == "class" and dm.num_classes == 10
     assert dm.classes_in_experience == [(0, 1), (2, 3), (4, 5), (6, 7), (8, 9)]
     assert [len(dm.train_dataset(i)) for i in range(5)] == [10000] * 5

@@ -31,7 +31,7 @@ def archive() -> Path:
 def small(archive: Path, tmp_path_factory: pytest.TempPathFactory) -> TextCLStream:
     cache = tmp_path_factory.mktemp("text_cache")
     return TextCLStream(root=str(archive), max_length=32, max_train_per_task=56, max_test_per_task=28,
-                        cache_dir=str(cache), batch_size=16)
+                        cache_dir=str(cache), batch_size=16, eval_batch_size=16)
 
 
 def test_class_incremental_layout(small: TextCLStream):
