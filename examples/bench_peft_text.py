@@ -88,7 +88,7 @@ from torch.utils.data import DataLoader, Subset  # noqa: E402
 # that avalanche-lib installs
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from callbacks import L2M, PEGO, ExperienceReplay, LoRA, LoRAMoE  # noqa: E402
+from callbacks import L2M, PEGO, DRTune, ExperienceReplay, LoRA, LoRAMoE  # noqa: E402
 from cl_plugins import ContinualClassifier  # noqa: E402
 from cl_plugins.peft.l2m import (  # noqa: E402
     ModulationPool,
@@ -113,6 +113,8 @@ METHODS: dict[str, Callable[[], list[pl.Callback]]] = {
 VARIANTS: dict[str, tuple[str, Callable[[], list[pl.Callback]]]] = {
     "L2M frozen head": ("L2M", lambda: [L2M(train_head=False)]),
     "L2M gradient keys": ("L2M", lambda: [L2M(key_update="gradient")]),
+    # full fine-tuning (its learning rate) with DR-Tune's regularizer at its defaults
+    "DR-Tune": ("full fine-tuning", lambda: [DRTune()]),
 }
 FULL, BASELINE = "full fine-tuning", "LoRA"
 #: the benchmark's budget (see the module docstring)
