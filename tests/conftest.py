@@ -35,3 +35,11 @@ def quiet_trainer_kwargs(**overrides):
     )
     kw.update(overrides)
     return kw
+
+
+@pytest.fixture(autouse=True)
+def _cwd_in_tmp(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test runs in a fresh working directory: anything a test leaves in the current directory (a run
+    folder of a trainer without ``default_root_dir``, ``metrics.json`` of a callback without ``output_dir``)
+    lands there, not in the repository."""
+    monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
