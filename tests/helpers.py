@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import lightning.pytorch as pl
+from lightning.pytorch.loggers import Logger
 
 from callbacks import ContinualCallback
 from tests.tolerances import EPS_BF16
@@ -52,3 +53,29 @@ def assert_losses_track_float32(mixed: list[float], float32: list[float]) -> Non
     assert len(mixed) == len(float32) > 0, (mixed, float32)
     for k, (got, want) in enumerate(zip(mixed, float32)):
         assert abs(got - want) <= EPS_BF16 * max(1.0, abs(want)), (k, mixed, float32)
+
+
+class RecordingLogger(Logger):
+    """A generic Lightning logger that keeps every ``log_metrics`` call: ``rows`` of ``(metrics, step)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: list[tuple[dict[str, float], int | None]] = []
+
+    @property
+    def name(self) -> str:
+        return "recording"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self.rows.append((dict(metrics), step))
+
+    def values(self, key: str) -> dict[int, float]:
+        """``{step: value}`` of ``key`` over the recorded rows."""
+        return {step: m[key] for m, step in self.rows if key in m}

@@ -15,6 +15,7 @@ from callbacks.metrics import ContinualMetrics
 from cl_plugins import ContinualClassifier
 from datamodules import SplitDigits
 from tests.conftest import quiet_trainer_kwargs
+from tests.helpers import RecordingLogger
 
 FINAL = ("avg_acc", "avg_forgetting", "bwt", "fwt")
 
@@ -73,27 +74,6 @@ def test_csv_rows_hold_the_final_metrics_and_the_whole_matrix(tmp_path):
     assert len([r for r in rows if r.get("cl/avg_acc")]) == 5
 
 
-class RecordingLogger(Logger):
-    """A generic logger that keeps what it receives."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.metrics: list[tuple[dict[str, float], int | None]] = []
-
-    @property
-    def name(self) -> str:
-        return "recording"
-
-    @property
-    def version(self) -> int:
-        return 0
-
-    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        self.metrics.append((dict(metrics), step))
-
 
 class FakeWandb(WandbLogger):
     """``WandbLogger``'s API without a W&B run: records log_metrics / log_image / log_table."""
@@ -140,7 +120,7 @@ def test_generic_and_wandb_loggers_through_their_api(tmp_path):
     trainer, metrics = _fit(tmp_path, [generic, wandb])
     final = metrics.summary()
 
-    last, step = generic.metrics[-1]
+    last, step = generic.rows[-1]
     assert step == trainer.global_step
     assert {k: last[k] for k in (f"cl/final/{n}" for n in FINAL)} == pytest.approx(
         {f"cl/final/{n}": final[n] for n in FINAL}, abs=1e-6)

@@ -14,31 +14,9 @@ from callbacks import ContinualCallback
 from cl_plugins import ContinualClassifier
 from datamodules import SplitDigits
 from tests.conftest import quiet_trainer_kwargs
+from tests.helpers import RecordingLogger
 
 EVERY = 4
-
-
-class RecordingLogger(Logger):
-    def __init__(self) -> None:
-        super().__init__()
-        self.rows: list[tuple[dict[str, float], int | None]] = []
-
-    @property
-    def name(self) -> str:
-        return "recording"
-
-    @property
-    def version(self) -> int:
-        return 0
-
-    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        self.rows.append((dict(metrics), step))
-
-    def values(self, key: str) -> dict[int, float]:
-        return {step: m[key] for m, step in self.rows if key in m}
 
 
 class CountingClassifier(ContinualClassifier):
