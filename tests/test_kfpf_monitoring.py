@@ -6,12 +6,12 @@ from __future__ import annotations
 import lightning.pytorch as pl
 import pytest
 import torch
-from lightning.pytorch.loggers.logger import Logger
 
 from callbacks.kfpf import KFPF
 from cl_plugins import ContinualClassifier
 from datamodules import SplitDigits
 from tests.conftest import quiet_trainer_kwargs
+from tests.helpers import RecordingLogger
 from tests.tolerances import EPS32, ULPS
 
 
@@ -113,37 +113,15 @@ def test_freeze_norm_stats_keeps_running_statistics_through_a_phase(freeze):
                 assert not same, name  # the affine parameters are fine-tuned either way
 
 
-class Recorder(Logger):
-    """Keeps every logged metrics dict."""
-
-    def __init__(self):
-        super().__init__()
-        self.rows: list[dict[str, float]] = []
-
-    @property
-    def name(self) -> str:
-        return "recorder"
-
-    @property
-    def version(self) -> int:
-        return 0
-
-    def log_hyperparams(self, params, *args, **kwargs) -> None:
-        pass
-
-    def log_metrics(self, metrics, step=None) -> None:
-        self.rows.append(dict(metrics))
-
-
 def test_logged_ledger_equals_hand_computed_values():
     """2 steps of 32 samples per epoch, 5 epochs: phases after steps 5 and 10 (epochs 2 and 4) of
     3 iterations on 8 buffer samples. Cost model: training 3F per sample, FPF 2F per sample,
     replay 3F per training sample, so fpf_share = 2f / (3t + 2f), fpf_vs_replay = 2f / 3t."""
     cb = KFPF(k=2, iterations=3, batch_size=8, buffer_size=20)
-    logger = Recorder()
+    logger = RecordingLogger()
     _fit([cb], logger=logger, limit_train_batches=2, limit_val_batches=0)
     assert cb.schedule == [5, 10] and [e["step"] for e in cb.phase_log] == [5, 10]
-    rows = [r for r in logger.rows if "kfpf/fpf_share" in r]
+    rows = [r for r, _ in logger.rows if "kfpf/fpf_share" in r]
     assert [int(r["epoch"]) for r in rows] == [0, 1, 2, 3, 4]
     for epoch, row in enumerate(rows):
         t = 64 * (epoch + 1)
