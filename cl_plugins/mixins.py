@@ -82,13 +82,13 @@ class ContinualClassificationMixin:
     def _test_experience_mask(self, experience: int, num_outputs: int, device: torch.device) -> Tensor | None:
         """The classes of test experience ``experience`` of a class-IL stream (``None`` elsewhere)."""
         dm = self._stream()
-        if dm is None or dm.scenario != "class" or not hasattr(dm, "test_classes_in_experience"):
+        if dm is None or dm.scenario != "class":
             return None
         key = ("test_exp", experience, num_outputs, device)
         mask = self._cached_mask(dm, key)
-        if mask is None:
-            classes = dm.test_classes_in_experience
-            if experience >= len(classes):
+        if mask is None:  # the classes are read once per experience and device, not on every batch
+            classes = getattr(dm, "test_classes_in_experience", None)
+            if classes is None or experience >= len(classes):
                 return None
             mask = torch.zeros(num_outputs, dtype=torch.bool)
             mask[list(classes[experience])] = True

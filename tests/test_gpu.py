@@ -22,7 +22,6 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
-import torch.nn.functional as F
 
 from callbacks import KFPF, L2M, PEGO, DRTune, ExperienceReplay, LoRAMoE
 from callbacks.metrics import ContinualMetrics
@@ -337,17 +336,6 @@ def test_cuda_fsdp_one_device(method, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- host syncs
-class _SyncFreeClassifier(ContinualClassifier):
-    """The classifier with a training step that does not check the loss on the host: the mixin's finite-loss
-    check reads the loss every step, which is not what the test below measures."""
-
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        x, y, t = batch
-        loss = F.cross_entropy(self.masked_logits(self(x), t, evaluation=False).float(), y)
-        self.log("train/loss", loss)
-        return loss
-
-
 def _set_sync_debug(mode: str | int, accelerator: str) -> int:
     """Sets ``torch.cuda.set_sync_debug_mode`` on CUDA (a no-op elsewhere); returns the previous mode."""
     if accelerator != "gpu":
@@ -407,7 +395,7 @@ def check_no_sync_steps(method: str, accelerator: str, monkeypatch: pytest.Monke
 
     monkeypatch.setattr(AuxLossTracker, "pop_means", pop_means_with_check)
     pl.seed_everything(0, verbose=False)
-    model = _SyncFreeClassifier("timm:vit_tiny_patch16_224", num_classes=10, in_channels=1, input_shape=(1, 8, 8),
+    model = ContinualClassifier("timm:vit_tiny_patch16_224", num_classes=10, in_channels=1, input_shape=(1, 8, 8),
                                 backbone_kwargs=VIT_KW, optimizer="adam", lr=1e-3)
     callback = PEGO(num_loras=2) if method == "pego" else LoRAMoE(num_experts=4)
     window = SyncErrorSteps(accelerator)
