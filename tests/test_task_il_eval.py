@@ -92,3 +92,15 @@ def test_the_callbacks_own_predictions_give_the_same_task_il_matrix():
 def test_a_task_il_stream_has_no_separate_task_il_evaluation():
     metrics, _, _ = _fit(ContinualClassifier, scenario="task")
     assert metrics.task_il_matrix == [] and metrics.results()["task_il"] is None
+
+
+class _BadTaskILShape(ContinualClassifier):
+    def validation_step(self, batch, batch_idx, dataloader_idx=0):
+        out = super().validation_step(batch, batch_idx, dataloader_idx)
+        out["task_il_preds"] = out["task_il_preds"][:1]
+        return out
+
+
+def test_task_il_predictions_of_the_wrong_shape_are_a_clear_error():
+    with pytest.raises(ValueError, match=r"outputs\['task_il_preds'\] has shape \(1,\).*one class index per sample"):
+        _fit(_BadTaskILShape)
