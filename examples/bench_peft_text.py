@@ -68,6 +68,7 @@ Regenerate the tables:
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import statistics
@@ -363,9 +364,65 @@ def keys_only(args: argparse.Namespace, model_path: str) -> None:
           f"{args.epochs} epoch(s), pool 30, seeds {args.seeds}")
 
 
+def run_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings a run's figures depend on (runs are aggregated only when these agree)."""
+    keys = ("scenario", "replay_buffer", "train_per_task", "test_per_task", "max_length", "batch_size", "epochs",
+            "subset_seed", "lr_full", "lr_adapter")
+    return {k: getattr(args, k) for k in keys}
+
+
+def save_run(path: str, name: str, shown: str, seed: int, args: argparse.Namespace, res: dict[str, Any]) -> None:
+    """Append one finished run to the JSON-lines file ``path`` (one object per line)."""
+    record = {"method": name, "label": shown, "seed": seed, "settings": run_settings(args),
+              "threads": torch.get_num_threads(), "results": res}
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(record, default=lambda o: o.tolist() if hasattr(o, "tolist") else float(o)) + "\n")
+
+
+def load_runs(paths: list[str], methods: list[str] | None, seeds: list[int] | None
+              ) -> tuple[dict[str, list[dict[str, Any]]], dict[str, Any], list[int], set[int]]:
+    """``--aggregate``: the runs saved with ``--jsonl`` (filtered to ``methods`` and ``seeds`` when given),
+    grouped by method in file order, with their common settings, seeds and thread counts. Runs of
+    different settings, or a method measured twice on one seed, are refused rather than averaged."""
+    results: dict[str, list[dict[str, Any]]] = {}
+    settings: dict[str, Any] | None = None
+    seen: set[tuple[str, int]] = set()
+    found_seeds: list[int] = []
+    threads: set[int] = set()
+    for path in paths:
+        lines = Path(path).read_text().splitlines()
+        for n, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            rec = json.loads(line)
+            if methods is not None and rec["method"] not in methods:
+                continue
+            if seeds is not None and rec["seed"] not in seeds:
+                continue
+            if settings is None:
+                settings = rec["settings"]
+            elif rec["settings"] != settings:
+                raise SystemExit(f"{path}:{n}: {rec['method']} seed {rec['seed']} ran with {rec['settings']}, other "
+                                 f"runs with {settings}; aggregate one setting (filter with --methods / --seeds)")
+            if (rec["method"], rec["seed"]) in seen:
+                raise SystemExit(f"{path}:{n}: {rec['method']} seed {rec['seed']} appears twice; keep one run per seed")
+            seen.add((rec["method"], rec["seed"]))
+            res = rec["results"]
+            if "l2m_key_match" in res:  # JSON object keys are strings
+                res["l2m_key_match"] = {int(j): v for j, v in res["l2m_key_match"].items()}
+            results.setdefault(rec["method"], []).append(res)
+            threads.add(rec["threads"])
+            if rec["seed"] not in found_seeds:
+                found_seeds.append(rec["seed"])
+    if settings is None:
+        raise SystemExit(f"no run in {paths} matches --methods {methods} / --seeds {seeds}")
+    return results, settings, found_seeds, threads
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default: 0 (with --aggregate: all saved)")
     parser.add_argument("--methods", nargs="+", default=None,
                         help=f"subset of {list(METHODS)} (default: all), or the variants {list(VARIANTS)}")
     parser.add_argument("--scenario", choices=("task", "class"), default="task")
@@ -397,7 +454,20 @@ def main() -> None:
                              "(seconds per seed; see key_agreement), for key_update 'mean' and 'gradient'")
     parser.add_argument("--root", type=str, default=None, help="text benchmark archive or folder")
     parser.add_argument("--markdown", type=str, default=None, help="write the tables to this file")
+    parser.add_argument("--jsonl", type=str, default=None,
+                        help="append each finished run (method, seed, settings, results) to this JSON-lines file")
+    parser.add_argument("--aggregate", nargs="+", default=None, metavar="JSONL",
+                        help="train nothing: build the tables from runs saved with --jsonl (several invocations, "
+                             "e.g. one seed per core); --methods / --seeds filter them")
     args = parser.parse_args()
+    aggregated = None
+    if args.aggregate:
+        aggregated = load_runs(args.aggregate, args.methods, args.seeds)
+        for key, value in aggregated[1].items():  # the saved runs' settings, for the labels and the settings line
+            setattr(args, key, value)
+        args.seeds, args.no_probe, args.timing_rounds = aggregated[2], True, 0
+    elif args.seeds is None:
+        args.seeds = [0]
     chosen = args.methods or list(METHODS)
     unknown = [m for m in chosen if m not in METHODS and m not in VARIANTS]
     if unknown:
@@ -448,8 +518,9 @@ def main() -> None:
         reference = probe.pair_similarities(pretrained, pairs_a, pairs_b, pad)
         del pretrained
 
-    results: dict[str, list[dict[str, Any]]] = {}
-    for seed in args.seeds:  # seeds outermost: methods interleave, so machine load drifts hit all alike
+    results: dict[str, list[dict[str, Any]]] = {} if aggregated is None else aggregated[0]
+    # seeds outermost: methods interleave, so machine load drifts hit all alike
+    for seed in args.seeds if aggregated is None else []:
         for name in chosen:
             pl.seed_everything(seed, verbose=False)
             dm = make_stream(seed)
@@ -483,6 +554,8 @@ def main() -> None:
                 # training experience selected: how often test-time selection finds the trained modulators
                 res["l2m_key_match"] = {j: round(m, 3) for j, m in l2m.eval_key_match("validate").items()}
             results.setdefault(name, []).append(res)
+            if args.jsonl:
+                save_run(args.jsonl, name, label(name), seed, args, res)
             extra = (f"  probe rho {res['spearman_vs_pretrained']:.3f} |dsim| {res['mean_abs_change']:.3f}"
                      if reference is not None else "")
             print(f"{label(name):17s} seed {seed} lr {lr_of(name):g}: acc {res['avg_acc']:.4f}  forgetting "
@@ -584,14 +657,17 @@ def main() -> None:
     if targets:
         text += "\n\nTargets:\n" + "\n".join(targets)
     total = time.perf_counter() - t0
+    n_threads = torch.get_num_threads() if aggregated is None else "/".join(map(str, sorted(aggregated[3])))
     replay = f", ExperienceReplay({args.replay_buffer}) on every method" if args.replay_buffer else ""
     settings = (f"{args.scenario}-IL{replay}, {args.train_per_task} train / {args.test_per_task} test per task, "
                 f"max_length {args.max_length}, batch {args.batch_size}, {args.epochs} epoch(s) per experience, "
-                f"AdamW, subset seed {args.subset_seed}, seeds {args.seeds}, threads {torch.get_num_threads()}; "
+                f"AdamW, subset seed {args.subset_seed}, seeds {args.seeds}, threads {n_threads}; "
                 f"step = median over the steps after the first {args.warmup_steps} of each experience; interleaved: "
                 f"{args.timing_rounds} rounds x {args.timing_steps} steps per method on AG News, round-robin; "
-                f"total wall time {total:.0f} s; CPU = process CPU time of the run (the wall time it takes on "
-                f"{torch.get_num_threads()} otherwise idle cores is about CPU / {torch.get_num_threads()})")
+                + (f"total wall time {total:.0f} s; " if aggregated is None else
+                   f"aggregated from {', '.join(args.aggregate)}; ")
+                + f"CPU = process CPU time of the run (the wall time it takes on {n_threads} otherwise idle "
+                f"core(s) is about CPU / {n_threads})")
     print(text)
     print(settings)
     if args.markdown:

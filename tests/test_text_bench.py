@@ -82,3 +82,48 @@ def test_keys_only_training_reproduces_the_callbacks_keys_and_counts():
     test_q = [q[:10] for q in train_q]
     agreement = key_agreement(pool, counts, test_q)
     assert len(agreement) == 2 and all(0.0 <= a <= 1.0 for a in agreement)
+
+
+def _args(**overrides):
+    import argparse
+
+    base = dict(scenario="task", replay_buffer=0, train_per_task=2000, test_per_task=1000, max_length=64,
+                batch_size=16, epochs=1, subset_seed=0, lr_full=5e-5, lr_adapter=1e-3)
+    return argparse.Namespace(**{**base, **overrides})
+
+
+def test_saved_runs_aggregate_by_method_across_files_with_key_matches_restored(tmp_path):
+    """``--jsonl`` runs from separate invocations (one seed each) load back grouped by method, in file order."""
+    from examples.bench_peft_text import load_runs, save_run
+
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    save_run(str(a), "LoRA", "LoRA", 0, _args(), {"avg_acc": 0.5, "matrix": torch.eye(2)})
+    save_run(str(a), "L2M", "L2M", 0, _args(), {"avg_acc": 0.6, "l2m_key_match": {0: 0.9, 1: 0.8}})
+    save_run(str(b), "LoRA", "LoRA", 1, _args(), {"avg_acc": 0.7, "matrix": [[1.0]]})
+    results, settings, seeds, threads = load_runs([str(a), str(b)], None, None)
+    assert list(results) == ["LoRA", "L2M"]
+    assert [r["avg_acc"] for r in results["LoRA"]] == [0.5, 0.7]
+    assert results["LoRA"][0]["matrix"] == [[1.0, 0.0], [0.0, 1.0]]  # tensors are stored as lists
+    assert results["L2M"][0]["l2m_key_match"] == {0: 0.9, 1: 0.8}  # int keys again, not JSON's strings
+    assert settings["test_per_task"] == 1000 and seeds == [0, 1] and threads == {torch.get_num_threads()}
+    only, _, seeds, _ = load_runs([str(a), str(b)], ["LoRA"], [1])
+    assert list(only) == ["LoRA"] and len(only["LoRA"]) == 1 and seeds == [1]
+
+
+def test_aggregate_refuses_mixed_settings_and_a_seed_run_twice(tmp_path):
+    import pytest
+
+    from examples.bench_peft_text import load_runs, save_run
+
+    mixed, twice = tmp_path / "mixed.jsonl", tmp_path / "twice.jsonl"
+    save_run(str(mixed), "LoRA", "LoRA", 0, _args(), {"avg_acc": 0.5})
+    save_run(str(mixed), "LoRA", "LoRA", 1, _args(test_per_task=200), {"avg_acc": 0.5})
+    with pytest.raises(SystemExit, match="ran with .* other runs with"):
+        load_runs([str(mixed)], None, None)
+    assert len(load_runs([str(mixed)], None, [1])[0]["LoRA"]) == 1  # filtered to one setting: fine
+    save_run(str(twice), "LoRA", "LoRA", 0, _args(), {"avg_acc": 0.5})
+    save_run(str(twice), "LoRA", "LoRA", 0, _args(), {"avg_acc": 0.6})
+    with pytest.raises(SystemExit, match="appears twice"):
+        load_runs([str(twice)], None, None)
+    with pytest.raises(SystemExit, match="no run"):
+        load_runs([str(twice)], ["PEGO"], None)
