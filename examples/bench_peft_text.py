@@ -364,6 +364,27 @@ def keys_only(args: argparse.Namespace, model_path: str) -> None:
           f"{args.epochs} epoch(s), pool 30, seeds {args.seeds}")
 
 
+def _paired(runs: list[dict[str, Any]], reference: list[dict[str, Any]]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    by_seed = {r.get("seed"): r for r in reference}
+    return [(r, by_seed[r.get("seed")]) for r in runs if r.get("seed") in by_seed]
+
+
+def seeds_holding(runs: list[dict[str, Any]], reference: list[dict[str, Any]],
+                  holds: Callable[[dict[str, Any], dict[str, Any]], bool]) -> str:
+    """On how many seeds a target holds against the reference run of the same seed ("2/3 seeds")."""
+    pairs = _paired(runs, reference)
+    return f"{sum(holds(r, f) for r, f in pairs)}/{len(pairs)} seeds"
+
+
+def paired_difference(runs: list[dict[str, Any]], reference: list[dict[str, Any]], key: str = "avg_acc") -> str:
+    """Mean ± std over seeds of ``key`` minus the reference run's of the same seed, in points."""
+    diffs = [100 * (r[key] - f[key]) for r, f in _paired(runs, reference)]
+    if not diffs:
+        return "no common seed"
+    spread = f" ± {statistics.stdev(diffs):.1f}" if len(diffs) > 1 else ""
+    return f"paired difference {statistics.mean(diffs):+.1f}{spread} points"
+
+
 def run_settings(args: argparse.Namespace) -> dict[str, Any]:
     """The settings a run's figures depend on (runs are aggregated only when these agree)."""
     keys = ("scenario", "replay_buffer", "train_per_task", "test_per_task", "max_length", "batch_size", "epochs",
@@ -409,6 +430,7 @@ def load_runs(paths: list[str], methods: list[str] | None, seeds: list[int] | No
                 raise SystemExit(f"{path}:{n}: {rec['method']} seed {rec['seed']} appears twice; keep one run per seed")
             seen.add((rec["method"], rec["seed"]))
             res = rec["results"]
+            res["seed"] = rec["seed"]
             if "l2m_key_match" in res:  # JSON object keys are strings
                 res["l2m_key_match"] = {int(j): v for j, v in res["l2m_key_match"].items()}
             results.setdefault(rec["method"], []).append(res)
@@ -532,6 +554,7 @@ def main() -> None:
             res = run_stream(model, dm, [timer, *callbacks, Progress(f"{label(name)} seed {seed}"), timer.end],
                              evaluate_initial=args.evaluate_initial)
             res["cpu_s"] = time.process_time() - cpu0
+            res["seed"] = seed
             if not timer.steps:
                 raise SystemExit(f"no step was timed: every experience has at most --warmup-steps={args.warmup_steps} "
                                  "steps; train on more samples per task or lower --warmup-steps")
@@ -622,9 +645,12 @@ def main() -> None:
         if name != FULL and full_forg is not None and full_acc is not None:
             acc = statistics.mean(r["avg_acc"] for r in runs)
             ok_f, ok_a = forg <= 0.5 * full_forg, acc >= full_acc
+            held_f = seeds_holding(runs, results[FULL], lambda r, f: r["avg_forgetting"] <= 0.5 * f["avg_forgetting"])
+            held_a = seeds_holding(runs, results[FULL], lambda r, f: r["avg_acc"] >= f["avg_acc"])
+            diff = paired_difference(runs, results[FULL])
             line = (f"- {label(name)}: forgetting {100 * forg:.1f}% vs half of full FT's {50 * full_forg:.1f}%: "
-                    f"{'met' if ok_f else 'NOT met'}; accuracy {100 * acc:.1f}% vs full FT's {100 * full_acc:.1f}%: "
-                    f"{'met' if ok_a else 'NOT met'}")
+                    f"{'met' if ok_f else 'NOT met'} ({held_f}); accuracy {100 * acc:.1f}% vs full FT's "
+                    f"{100 * full_acc:.1f}%: {'met' if ok_a else 'NOT met'} ({held_a}, {diff})")
             if lora_step:
                 ratio = (istep / lora_int) if istep and lora_int else step / lora_step
                 which = "interleaved step" if istep and lora_int else "step"

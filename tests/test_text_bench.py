@@ -127,3 +127,15 @@ def test_aggregate_refuses_mixed_settings_and_a_seed_run_twice(tmp_path):
         load_runs([str(twice)], None, None)
     with pytest.raises(SystemExit, match="no run"):
         load_runs([str(twice)], ["PEGO"], None)
+
+
+def test_targets_pair_each_run_with_full_fine_tuning_of_the_same_seed():
+    from examples.bench_peft_text import paired_difference, seeds_holding
+
+    full = [{"seed": 0, "avg_acc": 0.50}, {"seed": 1, "avg_acc": 0.60}, {"seed": 2, "avg_acc": 0.70}]
+    method = [{"seed": 2, "avg_acc": 0.72}, {"seed": 0, "avg_acc": 0.49}, {"seed": 1, "avg_acc": 0.66}]
+    assert seeds_holding(method, full, lambda r, f: r["avg_acc"] >= f["avg_acc"]) == "2/3 seeds"
+    # paired by seed (not by position): +2, -1, +6 points -> mean +2.3, std 3.5
+    assert paired_difference(method, full) == "paired difference +2.3 ± 3.5 points"
+    assert paired_difference(method[:1], full) == "paired difference +2.0 points"
+    assert paired_difference([{"seed": 9, "avg_acc": 0.1}], full) == "no common seed"
