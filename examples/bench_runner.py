@@ -139,6 +139,13 @@ def check_config(cfg: dict[str, Any], where: str = "config") -> None:
                 raise BenchConfigError(f"{where}: method {name!r}: each callback needs a class_path "
                                        f"(and optional init_args), got {cb!r}")
     check_published(cfg.get("published"), streams, methods, where)
+    for kind, names in (("streams", streams), ("methods", methods)):
+        folders: dict[str, str] = {}
+        for n in names:
+            if _slug(n) in folders:
+                raise BenchConfigError(f"{where}: {kind} {folders[_slug(n)]!r} and {n!r} would write into the same run "
+                                       f"folder {_slug(n)!r}; rename one")
+            folders[_slug(n)] = n
     for sname, s in streams.items():
         _unknown(s, STREAM_KEYS, f"{where}: stream {sname!r}")
         if "datamodule" not in s or "class_path" not in (s["datamodule"] or {}):
@@ -555,7 +562,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
 
 
 def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_")
+    """A run folder's name for a stream or method name: ``"DER++ 500"`` -> ``"DERpp_500"`` (a ``+`` must not
+    vanish, or DER++ would write into DER's folder)."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text.replace("+", "p")).strip("_")
 
 
 def _fmt(v: float | None) -> str:

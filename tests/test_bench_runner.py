@@ -285,3 +285,13 @@ def test_every_shipped_bench_config_builds_its_streams_models_and_callbacks(path
                 built[key] = ContinualClassifier(**model_kw)
             for cb in spec.get("callbacks", []) or []:
                 instantiate(cb)
+
+
+def test_every_method_gets_its_own_run_folder():
+    """'DER 500' and 'DER++ 500' once shared a folder (the '+' dropped): the second overwrote the first's heatmap."""
+    from examples.bench_runner import _slug
+
+    assert _slug("DER 500") != _slug("DER++ 500") and _slug("DER++ 500") == "DERpp_500"
+    assert _slug("joint (upper bound)") == "joint_upper_bound"
+    with pytest.raises(BenchConfigError, match="same run folder"):
+        check_config(_cfg(**{"ER 1": {}, "ER-1": {}, "ER/1": {}}))
