@@ -514,6 +514,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         execute = run_one
 
     earlier = reusable(out_root / "results.json", cfg) if args.reuse else {}
+    keep = []  # with --reuse, earlier runs outside this plan stay in results.json for later reuse
+    if args.reuse and (out_root / "results.json").exists():
+        planned = set(plan)
+        keep = [r for r in json.loads((out_root / "results.json").read_text())
+                if (r.get("stream"), r.get("method"), r.get("seed")) not in planned]
     results: list[dict[str, Any]] = []
     reused = 0
     start = time.perf_counter()
@@ -527,6 +532,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             continue
         res = execute(cfg, stream, method, seed, run_dir, execute is not run_one)
         results.append(res)
+        # saved after every run: an interrupted table resumes with --reuse from the last finished run
+        out_root.mkdir(parents=True, exist_ok=True)
+        (out_root / "results.json").write_text(json.dumps(keep + results, indent=1))
         bar.set_postfix(acc=f"{res['avg_acc']:.3f}", wall=f"{res['wall_s']:.0f}s")
         tqdm.write(f"{stream:14s} {method:28s} seed {seed}: avg acc {res['avg_acc']:.4f}  "
                    f"forgetting {_fmt(res['avg_forgetting'])}  wall {res['wall_s']:.1f}s")
@@ -535,11 +543,6 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     text = table(results, cfg)
     print(text)
     out_root.mkdir(parents=True, exist_ok=True)
-    keep = []  # with --reuse, earlier runs outside this plan stay in results.json for later reuse
-    if args.reuse and (out_root / "results.json").exists():
-        planned = {(r["stream"], r["method"], r["seed"]) for r in results}
-        keep = [r for r in json.loads((out_root / "results.json").read_text())
-                if (r.get("stream"), r.get("method"), r.get("seed")) not in planned]
     (out_root / "results.json").write_text(json.dumps(keep + results, indent=1))
     (out_root / "table.md").write_text(text + "\n")
     print(f"{len(results) - reused} runs in {time.perf_counter() - start:.0f} s ({reused} reused); "

@@ -295,3 +295,25 @@ def test_every_method_gets_its_own_run_folder():
     assert _slug("joint (upper bound)") == "joint_upper_bound"
     with pytest.raises(BenchConfigError, match="same run folder"):
         check_config(_cfg(**{"ER 1": {}, "ER-1": {}, "ER/1": {}}))
+
+
+def test_an_interrupted_table_resumes_from_its_last_finished_run(tmp_path, monkeypatch):
+    import examples.bench_runner as runner
+
+    out = str(tmp_path / "out")
+    common = ["--methods", "naive", "ER", "--output-dir", out, "--no-progress", "--in-process"]
+    real = runner.run_one
+
+    def interrupted(cfg, stream, method, seed, *rest):
+        if method == "ER":
+            raise KeyboardInterrupt
+        return real(cfg, stream, method, seed, *rest)
+
+    monkeypatch.setattr(runner, "run_one", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        main([str(SMOKE), *common])
+    saved = json.loads((Path(out) / "smoke" / "results.json").read_text())
+    assert [r["method"] for r in saved] == ["naive"]  # written when naive finished, before ER broke off
+    monkeypatch.setattr(runner, "run_one", real)
+    resumed = main([str(SMOKE), "--reuse", *common])
+    assert resumed[0] == saved[0] and resumed[1]["method"] == "ER"
