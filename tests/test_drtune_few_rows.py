@@ -108,3 +108,46 @@ def test_old_class_rows_keep_their_shape_when_the_rotation_is_fitted_on_few_fres
     # the fresh rows are rotated: the fit did something
     fresh_cos = F.cosine_similarity(z[~old], plain[~old], dim=1)
     assert float(fresh_cos.mean()) < 0.9
+
+
+def _failing_float32_svd(monkeypatch) -> list[torch.dtype]:
+    """``torch.linalg.svd`` as LAPACK's float32 solver when it does not converge (seen on the text stream,
+    seed 1: 'The algorithm failed to converge because the input matrix is ill-conditioned or has too many
+    repeated singular values'); float64 calls go through. Returns the dtypes it was called with."""
+    real = torch.linalg.svd
+    calls: list[torch.dtype] = []
+
+    def svd(x, *args, **kwargs):
+        calls.append(x.dtype)
+        if x.dtype == torch.float32:
+            raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge (error code: 1).")
+        return real(x, *args, **kwargs)
+
+    monkeypatch.setattr(torch.linalg, "svd", svd)
+    return calls
+
+
+def test_rotation_falls_back_to_float64_when_the_float32_svd_does_not_converge(monkeypatch):
+    """Nearly coinciding fitted spans (a small rotation of the same rows) in the few-rows regime: the fit is
+    the same rotation as with a converging solver, in float32."""
+    g = torch.Generator().manual_seed(3)
+    n, dim = 40, 96
+    p = torch.randn(n, dim, generator=g)
+    q = p @ _random_rotation(dim, g).T * 1e-3 + p
+    expected, rank = procrustes_fit(p, q)
+    calls = _failing_float32_svd(monkeypatch)
+    r, rank_fb = procrustes_fit(p, q)
+    assert torch.float32 in calls and torch.float64 in calls  # it failed in float32 and was retried
+    assert r.dtype == torch.float32 and rank_fb == rank
+    # float32 vs float64 factors of a dim x dim rotation: entries of size <= 1 summed over dim terms
+    torch.testing.assert_close(r, expected, atol=50 * dim * EPS, rtol=0)
+
+
+def test_non_finite_features_are_reported_as_divergence_not_retried(monkeypatch):
+    p = torch.randn(10, 16)
+    q = p.clone()
+    q[3, 5] = float("nan")
+    calls = _failing_float32_svd(monkeypatch)
+    with pytest.raises(FloatingPointError, match="non-finite features .* lower the learning rate"):
+        procrustes_fit(p, q)
+    assert torch.float64 not in calls

@@ -76,11 +76,11 @@ def procrustes_fit(p: Tensor, q: Tensor) -> tuple[Tensor, int]:
         pc, qc = p - p.mean(dim=0), q - q.mean(dim=0)
         n, dim = pc.shape
         if n > dim:
-            u, s, vh = torch.linalg.svd(pc.T @ qc)
+            u, s, vh = robust_svd(pc.T @ qc)
         else:  # thin: S = Qp (Rp Rq^T) Qq^T with Pc^T = Qp Rp, Qc^T = Qq Rq, an n x n SVD instead of D x D
             qp, rp = torch.linalg.qr(pc.T)
             qq, rq = torch.linalg.qr(qc.T)
-            x, s, yh = torch.linalg.svd(rp @ rq.T)
+            x, s, yh = robust_svd(rp @ rq.T)
             u, vh = qp @ x, yh @ qq.T
         rank = fitted_rank(s, max(n, dim))
         if rank < dim - 1:
@@ -91,6 +91,25 @@ def procrustes_fit(p: Tensor, q: Tensor) -> tuple[Tensor, int]:
         fix = torch.ones(v.shape[1], dtype=v.dtype, device=v.device)
         fix[-1] = torch.where(sign < 0, -1.0, 1.0)
         return (v * fix) @ u.T, rank
+
+
+def robust_svd(x: Tensor, full_matrices: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+    """``torch.linalg.svd``, retried in float64 when LAPACK's float32 solver does not converge (it can fail
+    on nearly repeated singular values, e.g. when the fitted and the target spans almost coincide); the
+    factors come back in ``x``'s dtype. Non-finite input is reported as such, not retried."""
+    try:
+        return torch.linalg.svd(x, full_matrices=full_matrices)
+    except torch.linalg.LinAlgError as err:
+        if not bool(torch.isfinite(x).all()):
+            raise FloatingPointError(
+                "DR-Tune's calibration got non-finite features (NaN or inf) from the encoder: the training "
+                "diverged; lower the learning rate, add gradient clipping (gradient_clip_val) or use "
+                "precision='32-true' / 'bf16-mixed' instead of '16-mixed'"
+            ) from err
+        if x.dtype == torch.float64:
+            raise
+        u, s, vh = torch.linalg.svd(x.double(), full_matrices=full_matrices)
+        return u.to(x.dtype), s.to(x.dtype), vh.to(x.dtype)
 
 
 def fitted_rank(singular_values: Tensor, size: int) -> int:
@@ -120,14 +139,14 @@ def span_rotation(u: Tensor, v: Tensor) -> Tensor:
     if r == 0:
         return eye
     both = torch.cat([u, v], dim=1)
-    basis, sv, _ = torch.linalg.svd(both, full_matrices=False)
+    basis, sv, _ = robust_svd(both, full_matrices=False)
     w = max(fitted_rank(sv, 2 * dim), r)
     basis = basis[:, :w]
     uw, vw = basis.T @ u, basis.T @ v  # (w, r), orthonormal columns in W's coordinates
     if w > r:
-        a = torch.linalg.svd(uw, full_matrices=True)[0][:, r:]  # W minus span(u)
-        b = torch.linalg.svd(vw, full_matrices=True)[0][:, r:]  # W minus span(v)
-        x, _, yh = torch.linalg.svd(b.T @ a)
+        a = robust_svd(uw)[0][:, r:]  # W minus span(u)
+        b = robust_svd(vw)[0][:, r:]  # W minus span(v)
+        x, _, yh = robust_svd(b.T @ a)
         rot_w = vw @ uw.T + b @ (x @ yh) @ a.T
         if float(torch.linalg.slogdet(rot_w).sign) < 0:
             x = x.clone()
