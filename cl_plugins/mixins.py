@@ -17,7 +17,8 @@ class ContinualClassificationMixin:
     - task-incremental streams: logits are masked to the classes of each sample's task, in
       training and evaluation (a multi-head classifier by masking);
     - class-incremental streams: evaluation covers the classes seen so far
-      (``mask_unseen_classes``); training uses every output;
+      (``mask_unseen_classes``); training uses every output, or the classes seen so far with
+      ``train_on_seen_classes`` (as mammoth's ``lwf.py`` trains);
     - validation logs ``val/loss_exp{j}`` and ``val/acc_exp{j}`` for test experience ``j`` and
       returns ``{"preds", "target"}`` for the metrics callback, and on class-IL streams also
       ``"task_il_preds"`` (the arg-max over experience ``j``'s classes: the task-IL accuracy of a class-IL
@@ -32,6 +33,8 @@ class ContinualClassificationMixin:
 
     #: in class-IL evaluation, restrict predictions to the classes seen so far
     mask_unseen_classes: bool = True
+    #: in class-IL training, the cross-entropy over the classes seen so far only (default: every output)
+    train_on_seen_classes: bool = False
 
     # ---- masks from the stream (built once per stream, experience and device: read on every step)
     def _stream(self) -> Any:
@@ -67,7 +70,7 @@ class ContinualClassificationMixin:
 
     def _seen_class_mask(self, num_outputs: int, device: torch.device) -> Tensor | None:
         dm = self._stream()
-        if dm is None or dm.scenario != "class" or not self.mask_unseen_classes or dm.joint:
+        if dm is None or dm.scenario != "class" or dm.joint:
             return None
         current = dm.current_experience
         key = ("seen", current, num_outputs, device)
@@ -105,9 +108,10 @@ class ContinualClassificationMixin:
         return logits.masked_fill(~mask, torch.finfo(logits.dtype).min).argmax(dim=-1)
 
     def masked_logits(self, logits: Tensor, task_labels: Tensor, evaluation: bool) -> Tensor:
-        """Masks logits by task (task-IL) or, in evaluation, to the seen classes (class-IL)."""
+        """Masks logits by task (task-IL) or, in class-IL, to the seen classes (in evaluation by default, in
+        training with ``train_on_seen_classes``)."""
         mask = self._task_class_mask(task_labels, logits.shape[-1])
-        if mask is None and evaluation:
+        if mask is None and (self.mask_unseen_classes if evaluation else self.train_on_seen_classes):
             mask = self._seen_class_mask(logits.shape[-1], logits.device)
         if mask is None:
             return logits

@@ -184,6 +184,8 @@ class ContinualClassifier(ContinualClassificationMixin, pl.LightningModule):
 
     ``configure_optimizers`` takes only parameters with ``requires_grad`` at the time it runs,
     i.e. after callbacks have frozen the backbone or injected modules in ``setup()``.
+    ``train_on_seen_classes``: class-IL training's cross-entropy over the classes seen so far (mammoth's
+    ``lwf.py``) instead of every output.
     """
 
     def __init__(
@@ -199,9 +201,11 @@ class ContinualClassifier(ContinualClassificationMixin, pl.LightningModule):
         lr: float = 0.05,
         momentum: float = 0.0,
         weight_decay: float = 0.0,
+        train_on_seen_classes: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        self.train_on_seen_classes = train_on_seen_classes
         if optimizer not in ("sgd", "adamw", "adam"):
             raise ValueError(f"optimizer must be 'sgd', 'adam' or 'adamw', got {optimizer!r}")
         self.net = build_backbone(
