@@ -142,10 +142,11 @@ def check_config(cfg: dict[str, Any], where: str = "config") -> None:
     for kind, names in (("streams", streams), ("methods", methods)):
         folders: dict[str, str] = {}
         for n in names:
-            if _slug(n) in folders:
-                raise BenchConfigError(f"{where}: {kind} {folders[_slug(n)]!r} and {n!r} would write into the same run "
-                                       f"folder {_slug(n)!r}; rename one")
-            folders[_slug(n)] = n
+            folder = _slug(n)
+            if folder in folders:
+                raise BenchConfigError(f"{where}: {kind} {folders[folder]!r} and {n!r} would write into the same run "
+                                       f"folder {folder!r}; rename one")
+            folders[folder] = n
     for sname, s in streams.items():
         _unknown(s, STREAM_KEYS, f"{where}: stream {sname!r}")
         if "datamodule" not in s or "class_path" not in (s["datamodule"] or {}):
@@ -330,12 +331,11 @@ def fingerprint(cfg: dict[str, Any], stream: str, method: str, seed: int) -> str
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def reusable(path: Path, cfg: dict[str, Any]) -> dict[tuple[str, str, int], dict[str, Any]]:
-    """The results of an earlier run of this config (its ``results.json``) whose run is unchanged."""
-    if not path.exists():
-        return {}
+def reusable(saved: list[dict[str, Any]], cfg: dict[str, Any]) -> dict[tuple[str, str, int], dict[str, Any]]:
+    """The results of an earlier run of this config (the records of its ``results.json``) whose run is
+    unchanged."""
     out = {}
-    for r in json.loads(path.read_text()):
+    for r in saved:
         key = (r.get("stream"), r.get("method"), r.get("seed"))
         if key[0] in cfg["streams"] and key[1] in cfg["methods"] and \
                 r.get("fingerprint") == fingerprint(cfg, *key):
@@ -513,12 +513,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         print("no fork start method on this platform: running in-process, without the memory column")
         execute = run_one
 
-    earlier = reusable(out_root / "results.json", cfg) if args.reuse else {}
-    keep = []  # with --reuse, earlier runs outside this plan stay in results.json for later reuse
-    if args.reuse and (out_root / "results.json").exists():
-        planned = set(plan)
-        keep = [r for r in json.loads((out_root / "results.json").read_text())
-                if (r.get("stream"), r.get("method"), r.get("seed")) not in planned]
+    saved_path = out_root / "results.json"
+    saved = json.loads(saved_path.read_text()) if args.reuse and saved_path.exists() else []
+    earlier = reusable(saved, cfg)
+    # with --reuse, earlier runs outside this plan stay in results.json for later reuse
+    planned = set(plan)
+    keep = [r for r in saved if (r.get("stream"), r.get("method"), r.get("seed")) not in planned]
     results: list[dict[str, Any]] = []
     reused = 0
     start = time.perf_counter()
@@ -534,7 +534,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         results.append(res)
         # saved after every run: an interrupted table resumes with --reuse from the last finished run
         out_root.mkdir(parents=True, exist_ok=True)
-        (out_root / "results.json").write_text(json.dumps(keep + results, indent=1))
+        saved_path.write_text(json.dumps(keep + results, indent=1))
         bar.set_postfix(acc=f"{res['avg_acc']:.3f}", wall=f"{res['wall_s']:.0f}s")
         tqdm.write(f"{stream:14s} {method:28s} seed {seed}: avg acc {res['avg_acc']:.4f}  "
                    f"forgetting {_fmt(res['avg_forgetting'])}  wall {res['wall_s']:.1f}s")
@@ -543,7 +543,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     text = table(results, cfg)
     print(text)
     out_root.mkdir(parents=True, exist_ok=True)
-    (out_root / "results.json").write_text(json.dumps(keep + results, indent=1))
+    saved_path.write_text(json.dumps(keep + results, indent=1))
     (out_root / "table.md").write_text(text + "\n")
     print(f"{len(results) - reused} runs in {time.perf_counter() - start:.0f} s ({reused} reused); "
           f"per-run heatmaps and metrics.json under {out_root}")
