@@ -70,11 +70,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -101,7 +102,7 @@ from cl_plugins.peft.l2m import (  # noqa: E402
 from datamodules import TextCLStream  # noqa: E402
 from datamodules.text import default_tokenizer_path  # noqa: E402
 from examples import knowledge_probe as probe  # noqa: E402
-from examples.benchutils import markdown_table, mean_std, run_stream, write_markdown  # noqa: E402
+from examples.benchutils import code_revision, markdown_table, mean_std, run_stream, write_markdown  # noqa: E402
 
 METHODS: dict[str, Callable[[], list[pl.Callback]]] = {
     "full fine-tuning": lambda: [],
@@ -392,10 +393,14 @@ def run_settings(args: argparse.Namespace) -> dict[str, Any]:
     return {k: getattr(args, k) for k in keys}
 
 
+#: the code a run of this benchmark executes (its revision is saved with every run)
+CODE_PATHS = ("cl_plugins", "callbacks", "datamodules", "examples/bench_peft_text.py", "examples/benchutils.py")
+
+
 def save_run(path: str, name: str, shown: str, seed: int, args: argparse.Namespace, res: dict[str, Any]) -> None:
-    """Append one finished run to the JSON-lines file ``path`` (one object per line)."""
+    """Append one finished run to the JSON-lines file ``path`` (one object per line), with the code revision."""
     record = {"method": name, "label": shown, "seed": seed, "settings": run_settings(args),
-              "threads": torch.get_num_threads(), "results": res}
+              "threads": torch.get_num_threads(), "code": code_revision(CODE_PATHS), "results": res}
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as f:
         f.write(json.dumps(record, default=lambda o: o.tolist() if hasattr(o, "tolist") else float(o)) + "\n")
@@ -431,6 +436,7 @@ def load_runs(paths: list[str], methods: list[str] | None, seeds: list[int] | No
             seen.add((rec["method"], rec["seed"]))
             res = rec["results"]
             res["seed"] = rec["seed"]
+            res["code"] = rec.get("code", "not recorded")
             if "l2m_key_match" in res:  # JSON object keys are strings
                 res["l2m_key_match"] = {int(j): v for j, v in res["l2m_key_match"].items()}
             results.setdefault(rec["method"], []).append(res)
@@ -440,6 +446,83 @@ def load_runs(paths: list[str], methods: list[str] | None, seeds: list[int] | No
     if settings is None:
         raise SystemExit(f"no run in {paths} matches --methods {methods} / --seeds {seeds}")
     return results, settings, found_seeds, threads
+
+
+def pool(n: int, mean: float, std: float, values: Sequence[float]) -> tuple[int, float, float]:
+    """Count, mean and sample std of ``n`` earlier values known only by their ``mean`` and sample ``std``,
+    joined with ``values``: the statistics of all of them, as if every value were at hand."""
+    total = n + len(values)
+    if total == 0:
+        raise ValueError("nothing to pool: no earlier value and no new one")
+    mu = (n * mean + sum(values)) / total
+    ss = max(n - 1, 0) * std**2 + n * (mean - mu) ** 2 + sum((x - mu) ** 2 for x in values)
+    return total, mu, math.sqrt(ss / (total - 1)) if total > 1 else 0.0
+
+
+def load_prior(path: str, settings: dict[str, Any], seeds: list[int]) -> dict[str, Any]:
+    """``--prior``: a summary of earlier seeds (per method: mean and std in percent of ``avg_acc``,
+    ``avg_forgetting``, ``bwt``; for the targets the seeds holding them and the paired accuracy difference;
+    for L2M the key agreement per task), checked to share the saved runs' settings and no seed with them."""
+    prior = json.loads(Path(path).read_text())
+    if prior.get("settings") != settings:
+        raise SystemExit(f"{path}: its settings {prior.get('settings')} differ from the saved runs' {settings}; "
+                         "pool only runs of one setting")
+    shared = sorted(set(prior["seeds"]) & set(seeds))
+    if shared:
+        raise SystemExit(f"{path}: seeds {shared} are both in the summary and in the saved runs; keep one of them")
+    return prior
+
+
+def pooled_report(prior: dict[str, Any], results: dict[str, list[dict[str, Any]]],
+                  label: Callable[[str], str], task_names: Sequence[str] | None = None) -> str:
+    """The table and the targets over the summary's seeds and the saved runs' seeds together (:func:`pool`),
+    under the rule of the per-seed table: means over the same seeds as full fine-tuning's."""
+    n_prior = len(prior["seeds"])
+    names = list(dict.fromkeys([*prior["methods"], *results]))
+
+    def stat(name: str, key: str) -> tuple[int, float, float]:
+        summary = prior["methods"].get(name)
+        n, mean, std = (n_prior, *summary[key]) if summary else (0, 0.0, 0.0)
+        return pool(n, mean, std, [100 * r[key] for r in results.get(name, [])])
+
+    def fmt(s: tuple[int, float, float]) -> str:
+        return f"{s[1]:.1f} ± {s[2]:.1f}"
+
+    rows, targets, keys = [], [], []
+    full_seeds = {r["seed"] for r in results.get(FULL, [])}
+    full_forg, full_acc = stat(FULL, "avg_forgetting"), stat(FULL, "avg_acc")
+    for name in names:
+        runs = results.get(name, [])
+        seeds = sorted(prior["seeds"] if name in prior["methods"] else []) + [r["seed"] for r in runs]
+        acc, forg = stat(name, "avg_acc"), stat(name, "avg_forgetting")
+        rows.append([label(name), str(acc[0]), fmt(acc), fmt(forg), fmt(stat(name, "bwt"))])
+        summary = prior["methods"].get(name, {})
+        if "l2m_key_match" in summary or any("l2m_key_match" in r for r in runs):
+            tasks = sorted({j for r in runs for j in r.get("l2m_key_match", {})})
+            per_task = [pool(n_prior, *summary["l2m_key_match"][j], [100 * r["l2m_key_match"][j] for r in runs])
+                        for j in tasks]
+            keys.append([label(name), *(fmt(t) for t in per_task)])
+        if name == FULL:
+            continue
+        if name not in prior["methods"] or FULL not in prior["methods"] or {r["seed"] for r in runs} != full_seeds:
+            targets.append(f"- {label(name)}: no target: full fine-tuning did not run on the same seeds")
+            continue
+        pairs = _paired(runs, results[FULL])
+        held_f = summary["held_forgetting"] + sum(r["avg_forgetting"] <= 0.5 * f["avg_forgetting"] for r, f in pairs)
+        held_a = summary["held_accuracy"] + sum(r["avg_acc"] >= f["avg_acc"] for r, f in pairs)
+        diff = pool(n_prior, *summary["acc_difference"], [100 * (r["avg_acc"] - f["avg_acc"]) for r, f in pairs])
+        ok_f, ok_a = forg[1] <= 0.5 * full_forg[1], acc[1] >= full_acc[1]
+        targets.append(
+            f"- {label(name)}: forgetting {forg[1]:.1f}% vs half of full FT's {0.5 * full_forg[1]:.1f}%: "
+            f"{'met' if ok_f else 'NOT met'} ({held_f}/{len(seeds)} seeds); accuracy {acc[1]:.1f}% vs full FT's "
+            f"{full_acc[1]:.1f}%: {'met' if ok_a else 'NOT met'} ({held_a}/{len(seeds)} seeds, paired difference "
+            f"{diff[1]:+.1f} ± {diff[2]:.1f} points)")
+    text = markdown_table(["method", "seeds", "avg acc (%)", "forgetting (%)", "BWT (%)"], rows)
+    if keys:
+        text += "\n\nL2M train/test key agreement (%), pooled the same way:\n\n"
+        names = task_names or [f"task {j}" for j in range(len(keys[0]) - 1)]
+        text += markdown_table(["method", *(f"{t} (%)" for t in names)], keys)
+    return text + "\n\nTargets, pooled:\n" + "\n".join(targets)
 
 
 def main() -> None:
@@ -481,6 +564,9 @@ def main() -> None:
     parser.add_argument("--aggregate", nargs="+", default=None, metavar="JSONL",
                         help="train nothing: build the tables from runs saved with --jsonl (several invocations, "
                              "e.g. one seed per core); --methods / --seeds filter them")
+    parser.add_argument("--prior", type=str, default=None, metavar="JSON",
+                        help="with --aggregate: a summary of earlier seeds of the same setting (mean and std per "
+                             "method, see load_prior) pooled with the saved runs into one more table")
     args = parser.parse_args()
     aggregated = None
     if args.aggregate:
@@ -490,6 +576,9 @@ def main() -> None:
         args.seeds, args.no_probe, args.timing_rounds = aggregated[2], True, 0
     elif args.seeds is None:
         args.seeds = [0]
+    if args.prior and not aggregated:
+        parser.error("--prior pools a summary with saved runs: use it with --aggregate")
+    prior = load_prior(args.prior, aggregated[1], aggregated[2]) if args.prior and aggregated else None
     chosen = args.methods or list(METHODS)
     unknown = [m for m in chosen if m not in METHODS and m not in VARIANTS]
     if unknown:
@@ -687,6 +776,10 @@ def main() -> None:
         text += markdown_table(probe_header, probe_rows)
     if targets:
         text += "\n\nTargets:\n" + "\n".join(targets)
+    if prior is not None:
+        text += (f"\n\nPooled with {args.prior} (seeds {prior['seeds']}: {prior['source']}), "
+                 f"{len(prior['seeds']) + len(args.seeds)} seeds:\n\n"
+                 + pooled_report(prior, results, label, stream0.tasks))
     total = time.perf_counter() - t0
     n_threads = torch.get_num_threads() if aggregated is None else "/".join(map(str, sorted(aggregated[3])))
     replay = f", ExperienceReplay({args.replay_buffer}) on every method" if args.replay_buffer else ""
@@ -696,7 +789,8 @@ def main() -> None:
                 f"step = median over the steps after the first {args.warmup_steps} of each experience; interleaved: "
                 f"{args.timing_rounds} rounds x {args.timing_steps} steps per method on AG News, round-robin; "
                 + (f"total wall time {total:.0f} s; " if aggregated is None else
-                   f"aggregated from {', '.join(args.aggregate)}; ")
+                   f"aggregated from {', '.join(args.aggregate)} (code "
+                   f"{', '.join(sorted({r['code'] for rs in results.values() for r in rs}))}); ")
                 + f"CPU = process CPU time of the run (the wall time it takes on {n_threads} otherwise idle "
                 f"core(s) is about CPU / {n_threads})")
     print(text)

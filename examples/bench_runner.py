@@ -62,6 +62,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from callbacks.metrics import plot_matrix  # noqa: E402
 from cl_plugins import ContinualClassifier  # noqa: E402
+from examples.benchutils import code_revision as _code_revision  # noqa: E402
 from examples.benchutils import markdown_table, mean_std, run_stream  # noqa: E402
 from examples.peers import STRATEGIES, check_peer, run_peer  # noqa: E402
 
@@ -306,18 +307,8 @@ def code_fingerprint() -> str:
 
 
 def code_revision() -> str:
-    """``git describe``-style revision of the working tree (``<commit>`` or ``<commit>+changes``), for the
-    table's header; ``unknown`` outside a git checkout."""
-    import subprocess
-
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=_ROOT, capture_output=True, text=True,
-                                check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", *CODE_PACKAGES, *CODE_FILES], cwd=_ROOT,
-                               capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return commit + ("+changes" if dirty else "")
+    """Revision of the code the runner measures (``<commit>`` or ``<commit>+changes``), for the table's header."""
+    return _code_revision((*CODE_PACKAGES, *CODE_FILES), _ROOT)
 
 
 def fingerprint(cfg: dict[str, Any], stream: str, method: str, seed: int) -> str:

@@ -84,3 +84,20 @@ def write_markdown(path: str | Path, title: str, text: str) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(f"### {title}\n\n{text}\n")
 
+
+
+def code_revision(paths: Sequence[str], root: Path | None = None) -> str:
+    """``git describe``-style revision of the code a benchmark runs: ``<commit>``, or ``<commit>+changes`` when
+    any of ``paths`` (files or folders, relative to the repository root) differs from that commit; ``unknown``
+    outside a git checkout. Saved beside every result, so a table says which code measured it."""
+    import subprocess
+
+    root = root or Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", *paths], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return commit + ("+changes" if dirty else "")

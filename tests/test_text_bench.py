@@ -139,3 +139,64 @@ def test_targets_pair_each_run_with_full_fine_tuning_of_the_same_seed():
     assert paired_difference(method, full) == "paired difference +2.3 ± 3.5 points"
     assert paired_difference(method[:1], full) == "paired difference +2.0 points"
     assert paired_difference([{"seed": 9, "avg_acc": 0.1}], full) == "no common seed"
+
+
+def test_pool_joins_a_summary_with_new_values_as_if_all_were_at_hand():
+    import math
+    import statistics
+
+    import pytest
+
+    from examples.bench_peft_text import pool
+
+    values = [58.1, 61.3, 55.0, 49.7, 63.2]  # float64 throughout: exact up to rounding of a few terms
+    n, m, s = pool(3, statistics.mean(values[:3]), statistics.stdev(values[:3]), values[3:])
+    assert n == 5 and math.isclose(m, statistics.mean(values), abs_tol=1e-12)
+    assert math.isclose(s, statistics.stdev(values), rel_tol=1e-12)
+    assert pool(0, 0.0, 0.0, [1.0, 3.0]) == (2, 2.0, math.sqrt(2.0))  # no summary: the values' own statistics
+    assert pool(2, 5.0, 1.0, []) == (2, 5.0, 1.0)  # nothing new: the summary itself
+    with pytest.raises(ValueError, match="nothing to pool"):
+        pool(0, 0.0, 0.0, [])
+
+
+def _prior(**methods):
+    return {"source": "test", "settings": vars(_args()), "seeds": [0, 1, 2], "methods": methods}
+
+
+def test_pooled_targets_count_the_summary_seeds_and_the_saved_ones(tmp_path):
+    """Full FT forgets 12% on the summary's three seeds and 10% and 14% on the saved two: the pooled bound is
+    half of 12%; the method's counts add the summary's holding seeds to the saved seeds that hold."""
+    import json
+
+    from examples.bench_peft_text import load_prior, load_runs, pooled_report, save_run
+
+    path = tmp_path / "runs.jsonl"
+    for seed, (fa, ff) in {3: (0.60, 0.10), 4: (0.56, 0.14)}.items():
+        save_run(str(path), "full fine-tuning", "full fine-tuning", seed, _args(),
+                 {"avg_acc": fa, "avg_forgetting": ff, "bwt": -ff})
+    for seed, (a, f) in {3: (0.61, 0.04), 4: (0.55, 0.075)}.items():  # seed 3 holds both, seed 4 neither
+        save_run(str(path), "PEGO", "PEGO", seed, _args(), {"avg_acc": a, "avg_forgetting": f, "bwt": -f})
+    results, settings, seeds, _ = load_runs([str(path)], None, None)
+    assert {r["code"] for rs in results.values() for r in rs} != {"not recorded"}  # the code revision is saved
+    summary = _prior(**{"full fine-tuning": {"avg_acc": [58.0, 2.0], "avg_forgetting": [12.0, 3.0],
+                                             "bwt": [-12.0, 3.0]},
+                        "PEGO": {"avg_acc": [59.0, 1.0], "avg_forgetting": [6.0, 1.0], "bwt": [-6.0, 1.0],
+                                 "held_forgetting": 2, "held_accuracy": 1, "acc_difference": [1.0, 2.0]}})
+    prior_file = tmp_path / "prior.json"
+    prior_file.write_text(json.dumps(summary))
+    report = pooled_report(load_prior(str(prior_file), settings, seeds), results, str)
+    # full FT forgetting: (3 * 12 + 10 + 14) / 5 = 12.0; PEGO: (3 * 6 + 4 + 7.5) / 5 = 5.9 <= 6.0
+    assert "| PEGO | 5 | 58.6 ± " in report
+    assert "forgetting 5.9% vs half of full FT's 6.0%: met (3/5 seeds)" in report
+    # accuracy: PEGO (177 + 61 + 55) / 5 = 58.6 vs full FT (174 + 60 + 56) / 5 = 58.0
+    assert "accuracy 58.6% vs full FT's 58.0%: met (2/5 seeds, paired difference +0.6 ±" in report
+    with pytest_raises_system_exit("differ from the saved runs"):
+        load_prior(str(prior_file), {**settings, "test_per_task": 200}, seeds)
+    with pytest_raises_system_exit("both in the summary and in the saved runs"):
+        load_prior(str(prior_file), settings, [2, 3])
+
+
+def pytest_raises_system_exit(match: str):
+    import pytest
+
+    return pytest.raises(SystemExit, match=match)
