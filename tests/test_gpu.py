@@ -460,3 +460,15 @@ def test_cuda_training_steps_do_not_sync(method, scenario, tmp_path, monkeypatch
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert guard.checked >= 25
+
+
+def test_prepared_device_script_parses_and_names_existing_files():
+    """``examples/gpu_checks.sh`` is run only where a GPU is lent: check here what can be checked without one
+    (bash syntax, the scripts it calls exist)."""
+    import subprocess
+
+    script = Path(__file__).resolve().parents[1] / "examples" / "gpu_checks.sh"
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    text = script.read_text()
+    for called in ("examples/bench_throughput.py", "tests"):
+        assert called in text and (script.parents[1] / called).exists()
