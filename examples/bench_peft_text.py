@@ -489,33 +489,41 @@ def pooled_report(prior: dict[str, Any], results: dict[str, list[dict[str, Any]]
         return f"{s[1]:.1f} ± {s[2]:.1f}"
 
     rows, targets, keys = [], [], []
-    full_seeds = {r["seed"] for r in results.get(FULL, [])}
-    full_forg, full_acc = stat(FULL, "avg_forgetting"), stat(FULL, "avg_acc")
+    full_runs = results.get(FULL, [])
+    full_seeds = {r["seed"] for r in full_runs}
     for name in names:
         runs = results.get(name, [])
-        seeds = sorted(prior["seeds"] if name in prior["methods"] else []) + [r["seed"] for r in runs]
+        summary = prior["methods"].get(name, {})
         acc, forg = stat(name, "avg_acc"), stat(name, "avg_forgetting")
         rows.append([label(name), str(acc[0]), fmt(acc), fmt(forg), fmt(stat(name, "bwt"))])
-        summary = prior["methods"].get(name, {})
         if "l2m_key_match" in summary or any("l2m_key_match" in r for r in runs):
-            tasks = sorted({j for r in runs for j in r.get("l2m_key_match", {})})
-            per_task = [pool(n_prior, *summary["l2m_key_match"][j], [100 * r["l2m_key_match"][j] for r in runs])
-                        for j in tasks]
+            n_tasks = max([len(summary.get("l2m_key_match", []))] + [len(r["l2m_key_match"]) for r in runs
+                                                                     if "l2m_key_match" in r])
+            per_task = [pool(*((n_prior, *summary["l2m_key_match"][j]) if "l2m_key_match" in summary else (0, 0, 0)),
+                             [100 * r["l2m_key_match"][j] for r in runs if "l2m_key_match" in r])
+                        for j in range(n_tasks)]
             keys.append([label(name), *(fmt(t) for t in per_task)])
         if name == FULL:
             continue
-        if name not in prior["methods"] or FULL not in prior["methods"] or {r["seed"] for r in runs} != full_seeds:
+        seeds = {r["seed"] for r in runs}
+        if not summary or FULL not in prior["methods"] or not seeds <= full_seeds:
             targets.append(f"- {label(name)}: no target: full fine-tuning did not run on the same seeds")
             continue
-        pairs = _paired(runs, results[FULL])
+        # full fine-tuning over the same seeds: the summary's and those of this method's saved runs
+        same = [f for f in full_runs if f["seed"] in seeds]
+        full = prior["methods"][FULL]
+        ref_acc = pool(n_prior, *full["avg_acc"], [100 * f["avg_acc"] for f in same])
+        ref_forg = pool(n_prior, *full["avg_forgetting"], [100 * f["avg_forgetting"] for f in same])
+        pairs = _paired(runs, full_runs)
         held_f = summary["held_forgetting"] + sum(r["avg_forgetting"] <= 0.5 * f["avg_forgetting"] for r, f in pairs)
         held_a = summary["held_accuracy"] + sum(r["avg_acc"] >= f["avg_acc"] for r, f in pairs)
         diff = pool(n_prior, *summary["acc_difference"], [100 * (r["avg_acc"] - f["avg_acc"]) for r, f in pairs])
-        ok_f, ok_a = forg[1] <= 0.5 * full_forg[1], acc[1] >= full_acc[1]
+        ok_f, ok_a = forg[1] <= 0.5 * ref_forg[1], acc[1] >= ref_acc[1]
+        n = acc[0]
         targets.append(
-            f"- {label(name)}: forgetting {forg[1]:.1f}% vs half of full FT's {0.5 * full_forg[1]:.1f}%: "
-            f"{'met' if ok_f else 'NOT met'} ({held_f}/{len(seeds)} seeds); accuracy {acc[1]:.1f}% vs full FT's "
-            f"{full_acc[1]:.1f}%: {'met' if ok_a else 'NOT met'} ({held_a}/{len(seeds)} seeds, paired difference "
+            f"- {label(name)}: forgetting {forg[1]:.1f}% vs half of full FT's {0.5 * ref_forg[1]:.1f}%: "
+            f"{'met' if ok_f else 'NOT met'} ({held_f}/{n} seeds); accuracy {acc[1]:.1f}% vs full FT's "
+            f"{ref_acc[1]:.1f}%: {'met' if ok_a else 'NOT met'} ({held_a}/{n} seeds, paired difference "
             f"{diff[1]:+.1f} ± {diff[2]:.1f} points)")
     text = markdown_table(["method", "seeds", "avg acc (%)", "forgetting (%)", "BWT (%)"], rows)
     if keys:

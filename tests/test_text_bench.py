@@ -181,7 +181,11 @@ def test_pooled_targets_count_the_summary_seeds_and_the_saved_ones(tmp_path):
     summary = _prior(**{"full fine-tuning": {"avg_acc": [58.0, 2.0], "avg_forgetting": [12.0, 3.0],
                                              "bwt": [-12.0, 3.0]},
                         "PEGO": {"avg_acc": [59.0, 1.0], "avg_forgetting": [6.0, 1.0], "bwt": [-6.0, 1.0],
-                                 "held_forgetting": 2, "held_accuracy": 1, "acc_difference": [1.0, 2.0]}})
+                                 "held_forgetting": 2, "held_accuracy": 1, "acc_difference": [1.0, 2.0]},
+                        # on the summary's seeds only: compared with full FT on those seeds alone
+                        "L2M": {"avg_acc": [57.0, 1.0], "avg_forgetting": [5.0, 1.0], "bwt": [-5.0, 1.0],
+                                "held_forgetting": 3, "held_accuracy": 0, "acc_difference": [-1.0, 1.0],
+                                "l2m_key_match": [[90.0, 1.0], [95.0, 0.5]]}})
     prior_file = tmp_path / "prior.json"
     prior_file.write_text(json.dumps(summary))
     report = pooled_report(load_prior(str(prior_file), settings, seeds), results, str)
@@ -190,6 +194,9 @@ def test_pooled_targets_count_the_summary_seeds_and_the_saved_ones(tmp_path):
     assert "forgetting 5.9% vs half of full FT's 6.0%: met (3/5 seeds)" in report
     # accuracy: PEGO (177 + 61 + 55) / 5 = 58.6 vs full FT (174 + 60 + 56) / 5 = 58.0
     assert "accuracy 58.6% vs full FT's 58.0%: met (2/5 seeds, paired difference +0.6 ±" in report
+    assert ("- L2M: forgetting 5.0% vs half of full FT's 6.0%: met (3/3 seeds); accuracy 57.0% vs full FT's 58.0%: "
+            "NOT met (0/3 seeds, paired difference -1.0 ± 1.0 points)") in report
+    assert "| L2M | 90.0 ± 1.0 | 95.0 ± 0.5 |" in report  # the summary's key agreement with no new run
     with pytest_raises_system_exit("differ from the saved runs"):
         load_prior(str(prior_file), {**settings, "test_per_task": 200}, seeds)
     with pytest_raises_system_exit("both in the summary and in the saved runs"):
