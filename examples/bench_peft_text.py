@@ -397,10 +397,12 @@ def run_settings(args: argparse.Namespace) -> dict[str, Any]:
 CODE_PATHS = ("cl_plugins", "callbacks", "datamodules", "examples/bench_peft_text.py", "examples/benchutils.py")
 
 
-def save_run(path: str, name: str, shown: str, seed: int, args: argparse.Namespace, res: dict[str, Any]) -> None:
-    """Append one finished run to the JSON-lines file ``path`` (one object per line), with the code revision."""
+def save_run(path: str, name: str, shown: str, seed: int, args: argparse.Namespace, res: dict[str, Any],
+             code: str | None = None) -> None:
+    """Append one finished run to the JSON-lines file ``path`` (one object per line), with the revision of the
+    code that ran it (``code``: taken when the process started; default: now)."""
     record = {"method": name, "label": shown, "seed": seed, "settings": run_settings(args),
-              "threads": torch.get_num_threads(), "code": code_revision(CODE_PATHS), "results": res}
+              "threads": torch.get_num_threads(), "code": code or code_revision(CODE_PATHS), "results": res}
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as f:
         f.write(json.dumps(record, default=lambda o: o.tolist() if hasattr(o, "tolist") else float(o)) + "\n")
@@ -600,6 +602,7 @@ def main() -> None:
     hf_logging.set_verbosity_error()
     model_path = default_tokenizer_path()  # the all-MiniLM-L6-v2 folder (model and tokenizer)
     t0 = time.perf_counter()
+    started_at = code_revision(CODE_PATHS)  # the code this process runs, whatever changes while it does
     if args.l2m_keys_only:
         keys_only(args, model_path)
         return
@@ -675,7 +678,7 @@ def main() -> None:
                 res["l2m_key_match"] = {j: round(m, 3) for j, m in l2m.eval_key_match("validate").items()}
             results.setdefault(name, []).append(res)
             if args.jsonl:
-                save_run(args.jsonl, name, label(name), seed, args, res)
+                save_run(args.jsonl, name, label(name), seed, args, res, code=started_at)
             extra = (f"  probe rho {res['spearman_vs_pretrained']:.3f} |dsim| {res['mean_abs_change']:.3f}"
                      if reference is not None else "")
             print(f"{label(name):17s} seed {seed} lr {lr_of(name):g}: acc {res['avg_acc']:.4f}  forgetting "

@@ -99,8 +99,9 @@ def test_saved_runs_aggregate_by_method_across_files_with_key_matches_restored(t
     a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
     save_run(str(a), "LoRA", "LoRA", 0, _args(), {"avg_acc": 0.5, "matrix": torch.eye(2)})
     save_run(str(a), "L2M", "L2M", 0, _args(), {"avg_acc": 0.6, "l2m_key_match": {0: 0.9, 1: 0.8}})
-    save_run(str(b), "LoRA", "LoRA", 1, _args(), {"avg_acc": 0.7, "matrix": [[1.0]]})
+    save_run(str(b), "LoRA", "LoRA", 1, _args(), {"avg_acc": 0.7, "matrix": [[1.0]]}, code="abc1234")
     results, settings, seeds, threads = load_runs([str(a), str(b)], None, None)
+    assert results["LoRA"][1]["code"] == "abc1234"  # the revision the process started with, not the one at saving
     assert list(results) == ["LoRA", "L2M"]
     assert [r["avg_acc"] for r in results["LoRA"]] == [0.5, 0.7]
     assert results["LoRA"][0]["matrix"] == [[1.0, 0.0], [0.0, 1.0]]  # tensors are stored as lists
