@@ -370,6 +370,16 @@ def _paired(runs: list[dict[str, Any]], reference: list[dict[str, Any]]) -> list
     return [(r, by_seed[r.get("seed")]) for r in runs if r.get("seed") in by_seed]
 
 
+def halves_forgetting(run: dict[str, Any], full: dict[str, Any]) -> bool:
+    """The forgetting target on one seed: at most half of full fine-tuning's forgetting."""
+    return run["avg_forgetting"] <= 0.5 * full["avg_forgetting"]
+
+
+def matches_accuracy(run: dict[str, Any], full: dict[str, Any]) -> bool:
+    """The accuracy target on one seed: at least full fine-tuning's accuracy."""
+    return run["avg_acc"] >= full["avg_acc"]
+
+
 def seeds_holding(runs: list[dict[str, Any]], reference: list[dict[str, Any]],
                   holds: Callable[[dict[str, Any], dict[str, Any]], bool]) -> str:
     """On how many seeds a target holds against the reference run of the same seed ("2/3 seeds")."""
@@ -498,12 +508,12 @@ def pooled_report(prior: dict[str, Any], results: dict[str, list[dict[str, Any]]
         summary = prior["methods"].get(name, {})
         acc, forg = stat(name, "avg_acc"), stat(name, "avg_forgetting")
         rows.append([label(name), str(acc[0]), fmt(acc), fmt(forg), fmt(stat(name, "bwt"))])
-        if "l2m_key_match" in summary or any("l2m_key_match" in r for r in runs):
-            n_tasks = max([len(summary.get("l2m_key_match", []))] + [len(r["l2m_key_match"]) for r in runs
-                                                                     if "l2m_key_match" in r])
-            per_task = [pool(*((n_prior, *summary["l2m_key_match"][j]) if "l2m_key_match" in summary else (0, 0, 0)),
-                             [100 * r["l2m_key_match"][j] for r in runs if "l2m_key_match" in r])
-                        for j in range(n_tasks)]
+        prior_keys = summary.get("l2m_key_match", [])
+        run_keys = [r["l2m_key_match"] for r in runs if "l2m_key_match" in r]
+        if prior_keys or run_keys:
+            n_tasks = max([len(prior_keys), *(len(k) for k in run_keys)])
+            per_task = [pool(*((n_prior, *prior_keys[j]) if prior_keys else (0, 0.0, 0.0)),
+                             [100 * k[j] for k in run_keys]) for j in range(n_tasks)]
             keys.append([label(name), *(fmt(t) for t in per_task)])
         if name == FULL:
             continue
@@ -517,8 +527,8 @@ def pooled_report(prior: dict[str, Any], results: dict[str, list[dict[str, Any]]
         ref_acc = pool(n_prior, *full["avg_acc"], [100 * f["avg_acc"] for f in same])
         ref_forg = pool(n_prior, *full["avg_forgetting"], [100 * f["avg_forgetting"] for f in same])
         pairs = _paired(runs, full_runs)
-        held_f = summary["held_forgetting"] + sum(r["avg_forgetting"] <= 0.5 * f["avg_forgetting"] for r, f in pairs)
-        held_a = summary["held_accuracy"] + sum(r["avg_acc"] >= f["avg_acc"] for r, f in pairs)
+        held_f = summary["held_forgetting"] + sum(halves_forgetting(r, f) for r, f in pairs)
+        held_a = summary["held_accuracy"] + sum(matches_accuracy(r, f) for r, f in pairs)
         diff = pool(n_prior, *summary["acc_difference"], [100 * (r["avg_acc"] - f["avg_acc"]) for r, f in pairs])
         ok_f, ok_a = forg[1] <= 0.5 * ref_forg[1], acc[1] >= ref_acc[1]
         n = acc[0]
@@ -588,7 +598,7 @@ def main() -> None:
         args.seeds = [0]
     if args.prior and not aggregated:
         parser.error("--prior pools a summary with saved runs: use it with --aggregate")
-    prior = load_prior(args.prior, aggregated[1], aggregated[2]) if args.prior and aggregated else None
+    prior = load_prior(args.prior, aggregated[1], aggregated[2]) if args.prior else None
     chosen = args.methods or list(METHODS)
     unknown = [m for m in chosen if m not in METHODS and m not in VARIANTS]
     if unknown:
@@ -602,7 +612,8 @@ def main() -> None:
     hf_logging.set_verbosity_error()
     model_path = default_tokenizer_path()  # the all-MiniLM-L6-v2 folder (model and tokenizer)
     t0 = time.perf_counter()
-    started_at = code_revision(CODE_PATHS)  # the code this process runs, whatever changes while it does
+    # the code this process runs, whatever changes while it does (saved with each run)
+    started_at = code_revision(CODE_PATHS) if args.jsonl else None
     if args.l2m_keys_only:
         keys_only(args, model_path)
         return
@@ -750,8 +761,8 @@ def main() -> None:
             ref_forg = statistics.mean(f["avg_forgetting"] for f in same)
             ref_acc = statistics.mean(f["avg_acc"] for f in same)
             ok_f, ok_a = forg <= 0.5 * ref_forg, acc >= ref_acc
-            held_f = seeds_holding(runs, results[FULL], lambda r, f: r["avg_forgetting"] <= 0.5 * f["avg_forgetting"])
-            held_a = seeds_holding(runs, results[FULL], lambda r, f: r["avg_acc"] >= f["avg_acc"])
+            held_f = seeds_holding(runs, results[FULL], halves_forgetting)
+            held_a = seeds_holding(runs, results[FULL], matches_accuracy)
             diff = paired_difference(runs, results[FULL])
             line = (f"- {label(name)}: forgetting {100 * forg:.1f}% vs half of full FT's {50 * ref_forg:.1f}%: "
                     f"{'met' if ok_f else 'NOT met'} ({held_f}); accuracy {100 * acc:.1f}% vs full FT's "

@@ -85,7 +85,6 @@ def write_markdown(path: str | Path, title: str, text: str) -> None:
     Path(path).write_text(f"### {title}\n\n{text}\n")
 
 
-
 def code_revision(paths: Sequence[str], root: Path | None = None) -> str:
     """``git describe``-style revision of the code a benchmark runs: ``<commit>``, or ``<commit>+changes`` when
     any of ``paths`` (files or folders, relative to the repository root) differs from that commit; ``unknown``
