@@ -30,5 +30,16 @@ def main(args: list[str] | None = None) -> LightningCLI:
     )
 
 
+def shutdown_distributed() -> None:
+    """Destroys the process group Lightning's DDP/FSDP left initialized. Without it Gloo's worker threads
+    can outlive the interpreter's teardown and abort the process (SIGABRT, "terminate called without an
+    active exception") after a run that finished, turning its exit status into a failure."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 if __name__ == "__main__":
     main()
+    shutdown_distributed()

@@ -12,6 +12,15 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# Appended to every script: a process group left initialized at exit can abort the interpreter's teardown
+# under Gloo (SIGABRT after the script's work is done), which would read as a failure of the test.
+EPILOGUE = """
+
+import torch.distributed as _dist
+if _dist.is_available() and _dist.is_initialized():
+    _dist.destroy_process_group()
+"""
+
 
 def run_script(code: str, tmp_path: Path, timeout: int = 600, args: list[str] | None = None) -> dict[str, Any]:
     """Writes ``code`` to ``tmp_path/script.py``, runs it from the repository root and returns the JSON
@@ -21,7 +30,7 @@ def run_script(code: str, tmp_path: Path, timeout: int = 600, args: list[str] | 
     Lightning re-runs it once per extra rank. Raises with the script's output on failure.
     """
     script = tmp_path / "script.py"
-    script.write_text(textwrap.dedent(code))
+    script.write_text(textwrap.dedent(code) + EPILOGUE)
     result = tmp_path / "result.json"
     # the repository first, then whatever the caller had on PYTHONPATH (e.g. a --target site folder)
     pythonpath = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
