@@ -396,6 +396,40 @@ def paired_difference(runs: list[dict[str, Any]], reference: list[dict[str, Any]
     return f"paired difference {statistics.mean(diffs):+.1f}{spread} points"
 
 
+def learning_split(matrix: Sequence[Sequence[float]]) -> tuple[float, float]:
+    """Average accuracy split into what was learnt and what was lost since: the learning accuracy (mean of the
+    diagonal, each task just after training on it) and ``(T-1)/T * BWT`` (BWT = mean over the earlier tasks of
+    final minus just-trained accuracy); the two sum to the average accuracy of the last row. Rows before the
+    last ``T`` (an initial evaluation) are ignored."""
+    rows = matrix[-len(matrix[0]):]
+    n = len(rows)
+    learnt = sum(rows[j][j] for j in range(n)) / n
+    bwt = sum(rows[-1][j] - rows[j][j] for j in range(n - 1)) / (n - 1) if n > 1 else 0.0
+    return learnt, (n - 1) / n * bwt
+
+
+def learning_report(results: dict[str, list[dict[str, Any]]], label: Callable[[str], str],
+                    task_names: Sequence[str]) -> str:
+    """Why an accuracy differs from full fine-tuning's: per method, each task's accuracy just after training
+    on it, the learning accuracy, and its paired accuracy difference to full fine-tuning on the same seeds split
+    (:func:`learning_split`) into learning less (or more) and losing more (or less) afterwards."""
+    full = {r["seed"]: r for r in results.get(FULL, [])}
+    rows = []
+    for name, runs in results.items():
+        diag = [[r["matrix"][-len(task_names):][j][j] for r in runs] for j in range(len(task_names))]
+        split = [learning_split(r["matrix"]) for r in runs]
+        pairs = [(s, learning_split(full[r["seed"]]["matrix"])) for s, r in zip(split, runs) if r["seed"] in full]
+        diff = ["-", "-", "-"] if name == FULL or not pairs else [
+            mean_std([sum(a) - sum(b) for a, b in pairs], 100),
+            mean_std([a[0] - b[0] for a, b in pairs], 100),
+            mean_std([a[1] - b[1] for a, b in pairs], 100)]
+        rows.append([label(name), str(len(runs)), *(mean_std(d, 100) for d in diag),
+                     mean_std([s[0] for s in split], 100), *diff])
+    header = ["method", "seeds", *(f"{t} just trained (%)" for t in task_names), "learning acc (%)",
+              "acc vs full FT (points)", "from learning", "from losing since"]
+    return markdown_table(header, rows)
+
+
 def run_settings(args: argparse.Namespace) -> dict[str, Any]:
     """The settings a run's figures depend on (runs are aggregated only when these agree)."""
     keys = ("scenario", "replay_buffer", "train_per_task", "test_per_task", "max_length", "batch_size", "epochs",
@@ -798,6 +832,10 @@ def main() -> None:
         text += markdown_table(probe_header, probe_rows)
     if targets:
         text += "\n\nTargets:\n" + "\n".join(targets)
+    if all("matrix" in r for runs in results.values() for r in runs):
+        text += ("\n\nWhere the accuracy goes (accuracy of each task just after training on it; the paired "
+                 "difference to full fine-tuning split into learning and losing since, see learning_split):\n\n"
+                 + learning_report(results, label, stream0.tasks))
     if prior is not None:
         text += (f"\n\nPooled with {args.prior} (seeds {prior['seeds']}: {prior['source']}), "
                  f"{len(prior['seeds']) + len(args.seeds)} seeds:\n\n"

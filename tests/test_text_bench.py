@@ -142,6 +142,28 @@ def test_targets_pair_each_run_with_full_fine_tuning_of_the_same_seed():
     assert paired_difference([{"seed": 9, "avg_acc": 0.1}], full) == "no common seed"
 
 
+def test_learning_split_sums_to_the_average_accuracy_and_pairs_by_seed():
+    """Average accuracy = learning accuracy (diagonal) + (T-1)/T * BWT, by hand on a 3-task matrix; the report
+    splits each method's paired difference to full fine-tuning of the same seed into those two parts."""
+    from examples.bench_peft_text import learning_report, learning_split
+
+    m = [[0.9, 0.1, 0.0], [0.6, 0.8, 0.0], [0.5, 0.7, 0.6]]
+    learnt, lost = learning_split(m)
+    assert abs(learnt - (0.9 + 0.8 + 0.6) / 3) < 1e-12
+    # BWT = ((0.5 - 0.9) + (0.7 - 0.8)) / 2 = -0.25; times 2/3
+    assert abs(lost - (-0.25 * 2 / 3)) < 1e-12
+    assert abs(learnt + lost - sum(m[-1]) / 3) < 1e-12
+    assert learning_split([[0.3, 0.0, 0.0], *m]) == (learnt, lost)  # an initial row is ignored
+    full = [{"seed": 1, "matrix": [[0.9, 0.0], [0.7, 0.9]]}, {"seed": 0, "matrix": [[0.8, 0.0], [0.8, 0.8]]}]
+    # seed 0: learning acc 0.75 vs 0.80, (T-1)/T * BWT 0 vs 0 -> -5 = (-5, 0) points; seed 1: 0.85 vs 0.90,
+    # 0.5 * (0.5 - 0.8) vs 0.5 * (0.7 - 0.9) -> -10 = (-5, -5); the method's runs are paired by seed, not order
+    method = [{"seed": 0, "matrix": [[0.7, 0.0], [0.7, 0.8]]}, {"seed": 1, "matrix": [[0.8, 0.0], [0.5, 0.9]]}]
+    table = learning_report({"full fine-tuning": full, "LoRA": method}, str, ["a", "b"])
+    row = next(line for line in table.splitlines() if line.startswith("| LoRA"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1:] == ["2", "75.0 ± 7.1", "85.0 ± 7.1", "80.0 ± 7.1", "-7.5 ± 3.5", "-5.0 ± 0.0", "-2.5 ± 3.5"]
+
+
 def test_pool_joins_a_summary_with_new_values_as_if_all_were_at_hand():
     import math
     import statistics
