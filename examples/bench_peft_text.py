@@ -396,16 +396,21 @@ def paired_difference(runs: list[dict[str, Any]], reference: list[dict[str, Any]
     return f"paired difference {statistics.mean(diffs):+.1f}{spread} points"
 
 
-def learning_split(matrix: Sequence[Sequence[float]]) -> tuple[float, float]:
-    """Average accuracy split into what was learnt and what was lost since: the learning accuracy (mean of the
-    diagonal, each task just after training on it) and ``(T-1)/T * BWT`` (BWT = mean over the earlier tasks of
-    final minus just-trained accuracy); the two sum to the average accuracy of the last row. Rows before the
-    last ``T`` (an initial evaluation) are ignored."""
+def just_trained(matrix: Sequence[Sequence[float]]) -> list[float]:
+    """Each task's accuracy just after training on it: the diagonal of the last ``T`` rows (rows before them,
+    an initial evaluation, are ignored)."""
     rows = matrix[-len(matrix[0]):]
-    n = len(rows)
-    learnt = sum(rows[j][j] for j in range(n)) / n
-    bwt = sum(rows[-1][j] - rows[j][j] for j in range(n - 1)) / (n - 1) if n > 1 else 0.0
-    return learnt, (n - 1) / n * bwt
+    return [rows[j][j] for j in range(len(rows))]
+
+
+def learning_split(matrix: Sequence[Sequence[float]]) -> tuple[float, float]:
+    """Average accuracy split into what was learnt and what was lost since: the learning accuracy (mean of
+    :func:`just_trained`) and ``(T-1)/T * BWT`` (BWT = mean over the earlier tasks of final minus just-trained
+    accuracy); the two sum to the average accuracy of the last row."""
+    diag = just_trained(matrix)
+    n = len(diag)
+    bwt = sum(matrix[-1][j] - diag[j] for j in range(n - 1)) / (n - 1) if n > 1 else 0.0
+    return sum(diag) / n, (n - 1) / n * bwt
 
 
 def learning_report(results: dict[str, list[dict[str, Any]]], label: Callable[[str], str],
@@ -416,7 +421,7 @@ def learning_report(results: dict[str, list[dict[str, Any]]], label: Callable[[s
     full = {r["seed"]: r for r in results.get(FULL, [])}
     rows = []
     for name, runs in results.items():
-        diag = [[r["matrix"][-len(task_names):][j][j] for r in runs] for j in range(len(task_names))]
+        diag = list(zip(*(just_trained(r["matrix"]) for r in runs)))  # per task, over the runs
         split = [learning_split(r["matrix"]) for r in runs]
         pairs = [(s, learning_split(full[r["seed"]]["matrix"])) for s, r in zip(split, runs) if r["seed"] in full]
         diff = ["-", "-", "-"] if name == FULL or not pairs else [

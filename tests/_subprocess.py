@@ -13,12 +13,12 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 
 # Appended to every script: a process group left initialized at exit can abort the interpreter's teardown
-# under Gloo (SIGABRT after the script's work is done), which would read as a failure of the test.
+# under Gloo (SIGABRT after the script's work is done), which would read as a failure of the test; the
+# scripts end the way train.py does.
 EPILOGUE = """
 
-import torch.distributed as _dist
-if _dist.is_available() and _dist.is_initialized():
-    _dist.destroy_process_group()
+from train import shutdown_distributed as _shutdown_distributed
+_shutdown_distributed()
 """
 
 
