@@ -109,8 +109,9 @@ class LoRAMoE(InjectionCallback, ReplayForwardListener):
         knowledge_experiences: for ``"experience"`` / ``"current"``: the first this many experiences
             are type 0 (our choice of default: 1, the first experience).
         allow_backbone_updates: accept other callbacks (k-FPF) that fine-tune parameters LoRAMoE froze.
-        log_stats: gather and log the router statistics every step (off: only the balancing loss is
-            logged, and the layers skip the bookkeeping).
+        log_stats: gather the router statistics every step and log them where Lightning writes step
+            metrics, as the mean since the previous write (epoch means exact; off: only the balancing loss
+            is logged, and the layers skip the bookkeeping).
         train_head / head_name: see :class:`~callbacks.injection.InjectionCallback`.
     """
 
@@ -354,9 +355,8 @@ class LoRAMoE(InjectionCallback, ReplayForwardListener):
         if "balance_loss" in stats:
             self.aux.record("loramoe/balance_loss", stats.pop("balance_loss"))
         if self.log_stats and stats:
-            size = self.context.last_types.numel() if self.context.last_types is not None else None
-            for key, value in stats.items():
-                pl_module.log(f"loramoe/{key}", value, on_step=True, on_epoch=True, batch_size=size)
+            self.log_step_values(trainer, pl_module, batch_idx, {f"loramoe/{k}": v for k, v in stats.items()},
+                                 what="LoRAMoE router statistic")
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

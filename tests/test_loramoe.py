@@ -21,7 +21,7 @@ from datamodules.digits import SplitDigits
 from datamodules.stream import ContinualDataModule
 from tests._subprocess import run_script
 from tests.conftest import quiet_trainer_kwargs
-from tests.helpers import StepLosses, StopAfter, assert_losses_track_float32
+from tests.helpers import RecordingLogger, StepLosses, StopAfter, assert_losses_track_float32
 
 VIT_KW = dict(img_size=8, patch_size=4, embed_dim=32, depth=2, num_heads=2)
 BERT_CFG = dict(vocab_size=40, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
@@ -104,6 +104,40 @@ def test_vit_trains_only_experts_routers_and_head_with_typed_samples():
     assert sum(metrics[f"loramoe/expert{n}_load_epoch"].item() for n in range(6)) == pytest.approx(1.0, abs=1e-5)
     assert "loramoe/type1_group1_weight" in metrics  # logged per epoch
     assert metrics["val/acc_exp4"] > 0.2  # 10 seen classes: chance is 0.1
+
+
+def _fit_logging(every: int) -> tuple[pl.Trainer, list[str], RecordingLogger]:
+    """The ViT stream with LoRAMoE at ``log_every_n_steps=every``: the trainer, the names of every
+    ``self.log`` call and the logger's rows."""
+    pl.seed_everything(0)
+    model, calls, logger = _vit(), [], RecordingLogger()
+    log = model.log
+
+    def counting_log(name: str, *args, **kwargs):
+        calls.append(name)
+        return log(name, *args, **kwargs)
+
+    model.log = counting_log
+    trainer = pl.Trainer(**quiet_trainer_kwargs(callbacks=[LoRAMoE()], logger=logger, log_every_n_steps=every,
+                                                limit_val_batches=0))
+    trainer.fit(model, datamodule=SplitDigits(n_experiences=5, epochs_per_experience=1, batch_size=32))
+    return trainer, calls, logger
+
+
+def test_router_statistics_are_logged_at_logging_steps_with_the_epoch_means_of_every_step():
+    """The per-step router statistics cost a ``self.log`` only where Lightning writes step metrics (not one
+    per statistic and step), and their epoch means are those of logging every step."""
+    every_step, calls_1, logger_1 = _fit_logging(1)
+    trainer, calls_4, logger_4 = _fit_logging(4)
+    steps = trainer.global_step
+    assert calls_1.count("loramoe/expert0_load") == steps
+    assert 0 < calls_4.count("loramoe/expert0_load") < steps / 2
+    for n in range(6):
+        key = f"loramoe/expert{n}_load_epoch"
+        means_1, means_4 = list(logger_1.values(key).values()), list(logger_4.values(key).values())
+        assert len(means_4) == 5 and means_4 == pytest.approx(means_1, rel=1e-5)
+    assert list(logger_4.values("loramoe/group1_weight_epoch").values()) == pytest.approx(
+        list(logger_1.values("loramoe/group1_weight_epoch").values()), rel=1e-5)
 
 
 def test_bert_ffn_placement_on_a_token_stream():
