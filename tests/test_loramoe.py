@@ -127,17 +127,14 @@ def _fit_logging(every: int) -> tuple[pl.Trainer, list[str], RecordingLogger]:
 def test_router_statistics_are_logged_at_logging_steps_with_the_epoch_means_of_every_step():
     """The per-step router statistics cost a ``self.log`` only where Lightning writes step metrics (not one
     per statistic and step), and their epoch means are those of logging every step."""
-    every_step, calls_1, logger_1 = _fit_logging(1)
+    _, calls_1, logger_1 = _fit_logging(1)
     trainer, calls_4, logger_4 = _fit_logging(4)
     steps = trainer.global_step
     assert calls_1.count("loramoe/expert0_load") == steps
     assert 0 < calls_4.count("loramoe/expert0_load") < steps / 2
-    for n in range(6):
-        key = f"loramoe/expert{n}_load_epoch"
+    for key in [f"loramoe/expert{n}_load_epoch" for n in range(6)] + ["loramoe/group1_weight_epoch"]:
         means_1, means_4 = list(logger_1.values(key).values()), list(logger_4.values(key).values())
         assert len(means_4) == 5 and means_4 == pytest.approx(means_1, rel=1e-5)
-    assert list(logger_4.values("loramoe/group1_weight_epoch").values()) == pytest.approx(
-        list(logger_1.values("loramoe/group1_weight_epoch").values()), rel=1e-5)
 
 
 def test_bert_ffn_placement_on_a_token_stream():
