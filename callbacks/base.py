@@ -47,6 +47,7 @@ class ContinualCallback(Callback):
         self.aux = AuxLossTracker()
         # per name: sum of the values since the last write, their number of steps, the first step
         self._step_window: dict[str, tuple[Tensor, int, int]] = {}
+        self._step_kind: dict[str, str] = {}  # what each name is, for the non-finite error
 
     # ---- experience hooks for subclasses
     def on_experience_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, experience: int) -> None:
@@ -84,21 +85,36 @@ class ContinualCallback(Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        means = self.aux.pop_means(check_finite=False)
-        if means:
-            self.log_step_values(trainer, pl_module, batch_idx, means, what="auxiliary loss term")
+        values: dict[str, Tensor] = dict(self.aux.pop_means(check_finite=False))
+        what = dict.fromkeys(values, "auxiliary loss term")
+        extra = self.step_values(trainer, pl_module)
+        values.update(extra)
+        what.update(dict.fromkeys(extra, self.step_value_kind))
+        if values:
+            self.log_step_values(trainer, pl_module, batch_idx, values, what=what)
+
+    #: how :meth:`step_values`' entries are named in the error raised when one is non-finite
+    step_value_kind = "logged value"
+
+    def step_values(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Mapping[str, Tensor]:
+        """Values of this training step to log beside the auxiliary loss terms, in the same write (one host
+        read at a logging step for all of them); called from ``on_train_batch_end``. None by default."""
+        return {}
 
     def log_step_values(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch_idx: int,
-                        values: Mapping[str, Tensor], what: str = "logged value") -> None:
+                        values: Mapping[str, Tensor], what: str | Mapping[str, str] = "logged value") -> None:
         """Logs one value per name for this training step, as ``pl_module.log(name, on_step=True,
         on_epoch=True)`` every step would for the loggers, without its per-step cost: the values are summed
         where they live and logged where Lightning writes step metrics and at each epoch's last batch
         (:func:`cl_plugins.steplog.log_this_step`) as the mean since the previous write, weighted by its number
         of steps, so the epoch means are exact. A NaN or infinite value raises ``FloatingPointError`` there.
-        Call it from ``on_train_batch_end``, at most once per step per name."""
+        ``what`` names the values in that error (one string, or one per name). Call it from
+        ``on_train_batch_end``, at most once per step per name (the base class's call logs the auxiliary terms
+        and :meth:`step_values` together)."""
         for name, value in values.items():
             total, steps, start = self._step_window.get(name, (0.0, 0, trainer.global_step))
             self._step_window[name] = (value.detach() + total, steps + 1, start)
+            self._step_kind[name] = what if isinstance(what, str) else what.get(name, "logged value")
         if not log_this_step(trainer, batch_idx):
             return
         names = list(self._step_window)  # every open window: also names not given at this step
@@ -107,8 +123,9 @@ class ContinualCallback(Callback):
         for name, total, (_, _, start) in zip(names, totals, windows):
             if not math.isfinite(total):
                 raise FloatingPointError(
-                    f"{what} '{name}' was non-finite ({total}) in the steps since step {start}: lower its weight or "
-                    "the learning rate, or train in bf16-mixed / 32-true if it overflows in 16-mixed"
+                    f"{self._step_kind.get(name, 'logged value')} '{name}' was non-finite ({total}) in the steps "
+                    f"since step {start}: lower its weight or the learning rate, or train in bf16-mixed / 32-true "
+                    "if it overflows in 16-mixed"
                 )
         for name, (total, steps, _) in zip(names, windows):
             pl_module.log(name, total / steps, on_step=True, on_epoch=True, prog_bar=False, sync_dist=False,

@@ -169,6 +169,7 @@ class LoRAMoE(InjectionCallback, ReplayForwardListener):
         self.knowledge_experiences = knowledge_experiences
         self.allow_backbone_updates = allow_backbone_updates
         self.log_stats = log_stats
+        self._stats: dict[str, Tensor] = {}  # the step's router statistics, until the base class logs them
         self.context = LoRAMoEContext(split_experts(num_experts, num_knowledge_experts), delta=delta,
                                       balance_weight=balance_weight, tracker=self.aux)
         self.context.collect_stats = log_stats
@@ -354,10 +355,15 @@ class LoRAMoE(InjectionCallback, ReplayForwardListener):
         stats = self.context.pop_stats()
         if "balance_loss" in stats:
             self.aux.record("loramoe/balance_loss", stats.pop("balance_loss"))
-        if self.log_stats and stats:
-            self.log_step_values(trainer, pl_module, batch_idx, {f"loramoe/{k}": v for k, v in stats.items()},
-                                 what="LoRAMoE router statistic")
-        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        self._stats = {f"loramoe/{k}": v for k, v in stats.items()} if self.log_stats else {}
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)  # logs them with the terms
+
+    step_value_kind = "LoRAMoE router statistic"
+
+    def step_values(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Tensor]:
+        """This step's router statistics (logged with the balancing term, in one write)."""
+        stats, self._stats = self._stats, {}
+        return stats
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # the checks and statistics that need the host, once per epoch rather than every step

@@ -107,14 +107,14 @@ def test_vit_trains_only_experts_routers_and_head_with_typed_samples():
 
 
 def _fit_logging(every: int) -> tuple[pl.Trainer, list[str], RecordingLogger]:
-    """The ViT stream with LoRAMoE at ``log_every_n_steps=every``: the trainer, the names of every
-    ``self.log`` call and the logger's rows."""
+    """The ViT stream with LoRAMoE at ``log_every_n_steps=every``: the trainer, ``(global step, name)`` of
+    every ``self.log`` call and the logger's rows."""
     pl.seed_everything(0)
     model, calls, logger = _vit(), [], RecordingLogger()
     log = model.log
 
     def counting_log(name: str, *args, **kwargs):
-        calls.append(name)
+        calls.append((model.trainer.global_step, name))
         return log(name, *args, **kwargs)
 
     model.log = counting_log
@@ -130,8 +130,21 @@ def test_router_statistics_are_logged_at_logging_steps_with_the_epoch_means_of_e
     _, calls_1, logger_1 = _fit_logging(1)
     trainer, calls_4, logger_4 = _fit_logging(4)
     steps = trainer.global_step
-    assert calls_1.count("loramoe/expert0_load") == steps
-    assert 0 < calls_4.count("loramoe/expert0_load") < steps / 2
+    names_1, names_4 = [n for _, n in calls_1], [n for _, n in calls_4]
+    assert names_1.count("loramoe/expert0_load") == steps
+    assert 0 < names_4.count("loramoe/expert0_load") < steps / 2
+    # the statistics and the balancing term go out in one write: no name twice in a step
+    assert len(set(calls_4)) == len(calls_4) and len(set(calls_1)) == len(calls_1)
+    # each written step value is the mean of the every-step values since the previous self.log (a logger
+    # row's step is the global step before the optimizer step; epoch ends are logged, not written)
+    for name in ("loramoe/balance_loss", "loramoe/expert0_load"):
+        every, written = logger_1.values(f"{name}_step"), logger_4.values(f"{name}_step")
+        ends = [step - 1 for step, n in calls_4 if n == name]
+        assert len(every) == steps and set(written) < set(ends)
+        for previous, end in zip([-1] + ends, ends):
+            window = [v for s, v in every.items() if previous < s <= end]
+            if end in written:
+                assert written[end] == pytest.approx(sum(window) / len(window), rel=1e-5), (name, end)
     for key in [f"loramoe/expert{n}_load_epoch" for n in range(6)] + ["loramoe/group1_weight_epoch"]:
         means_1, means_4 = list(logger_1.values(key).values()), list(logger_4.values(key).values())
         assert len(means_4) == 5 and means_4 == pytest.approx(means_1, rel=1e-5)

@@ -8,6 +8,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import pytest
+import torch
 from lightning.pytorch.loggers import Logger
 
 from callbacks import ContinualCallback
@@ -116,3 +117,37 @@ def test_non_finite_values_raise_at_the_next_logging_step():
 
     with pytest.raises(FloatingPointError, match=r"training loss is non-finite \(nan\) at a step in 4..7"):
         _fit(NanLoss())
+
+
+class ToyTermAndStatistic(ToyTerm):
+    """``ToyTerm`` plus a step value from :meth:`ContinualCallback.step_values` (``stat(k)`` at step k)."""
+
+    step_value_kind = "toy statistic"
+
+    def __init__(self, values: Any, stat: Any) -> None:
+        super().__init__(values)
+        self.stat = stat
+
+    def step_values(self, trainer, pl_module):
+        return {"toy/stat": torch.tensor(float(self.stat(self.k)))}
+
+
+def test_step_values_go_out_with_the_aux_terms_in_one_host_read(monkeypatch):
+    logger, losses = RecordingLogger(), LossRecorder()
+    reads = []
+    tolist = torch.Tensor.tolist
+
+    def counting_tolist(t):
+        reads.append(t.numel())
+        return tolist(t)
+
+    monkeypatch.setattr(torch.Tensor, "tolist", counting_tolist)
+    _fit(ToyTermAndStatistic(lambda k: k, lambda k: 2 * k), losses, logger=logger)
+    monkeypatch.undo()
+    steps = len(losses.losses)
+    writes = {k for k in range(steps) if (k + 1) % EVERY == 0} | set(losses.last_batches)
+    assert reads.count(2) == len(writes) and 1 not in reads  # both values in one read per write
+    terms, stats = logger.values("toy/term_step"), logger.values("toy/stat_step")
+    assert sorted(stats) == sorted(terms) and all(stats[k] == pytest.approx(2 * terms[k]) for k in terms)
+    with pytest.raises(FloatingPointError, match=r"toy statistic 'toy/stat' was non-finite \(inf\)"):
+        _fit(ToyTermAndStatistic(lambda k: 0.0, lambda k: float("inf") if k == 1 else 0.0))
