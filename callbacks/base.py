@@ -45,9 +45,9 @@ class ContinualCallback(Callback):
     def __init__(self) -> None:
         super().__init__()
         self.aux = AuxLossTracker()
-        # per name: sum of the values since the last write, their number of steps, the first step
-        self._step_window: dict[str, tuple[Tensor, int, int]] = {}
-        self._step_kind: dict[str, str] = {}  # what each name is, for the non-finite error
+        # per name: sum of the values since the last write, their number of steps, the first step, and what
+        # the value is (for the non-finite error)
+        self._step_window: dict[str, tuple[Tensor, int, int, str]] = {}
 
     # ---- experience hooks for subclasses
     def on_experience_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, experience: int) -> None:
@@ -112,21 +112,21 @@ class ContinualCallback(Callback):
         ``on_train_batch_end``, at most once per step per name (the base class's call logs the auxiliary terms
         and :meth:`step_values` together)."""
         for name, value in values.items():
-            total, steps, start = self._step_window.get(name, (0.0, 0, trainer.global_step))
-            self._step_window[name] = (value.detach() + total, steps + 1, start)
-            self._step_kind[name] = what if isinstance(what, str) else what.get(name, "logged value")
+            total, steps, start, _ = self._step_window.get(name, (0.0, 0, trainer.global_step, ""))
+            kind = what if isinstance(what, str) else what.get(name, "logged value")
+            self._step_window[name] = (value.detach() + total, steps + 1, start, kind)
         if not log_this_step(trainer, batch_idx):
             return
         names = list(self._step_window)  # every open window: also names not given at this step
         windows = [self._step_window.pop(name) for name in names]
         totals = torch.stack([w[0].float() for w in windows]).tolist()  # one host read per write
-        for name, total, (_, _, start) in zip(names, totals, windows):
+        for name, total, (_, _, start, kind) in zip(names, totals, windows):
             if not math.isfinite(total):
                 raise FloatingPointError(
-                    f"{self._step_kind.get(name, 'logged value')} '{name}' was non-finite ({total}) in the steps "
+                    f"{kind} '{name}' was non-finite ({total}) in the steps "
                     f"since step {start}: lower its weight or the learning rate, or train in bf16-mixed / 32-true "
                     "if it overflows in 16-mixed"
                 )
-        for name, (total, steps, _) in zip(names, windows):
+        for name, (total, steps, _, _) in zip(names, windows):
             pl_module.log(name, total / steps, on_step=True, on_epoch=True, prog_bar=False, sync_dist=False,
                           batch_size=steps)
